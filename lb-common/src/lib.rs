@@ -1,0 +1,99 @@
+//! The ABI between the kernel programs (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Every map key and value is `#[repr(C)]`, has its padding spelled out as named fields that are
+//! always zero, and carries a compile-time size assertion, so the two sides can never disagree on a
+//! layout. Addresses and ports are stored in **network byte order**, exactly as they sit in packet
+//! headers: the kernel side compares and copies them without swapping, and userspace converts with
+//! [`ipv4_to_net`] / [`port_to_net`] and back.
+//!
+//! ```text
+//!  services   HASH     ServiceKey{addr,port,proto,scope,slot} -> ServiceValue
+//!                        slot 0     = master: count of backend slots, rev_nat_id, flags
+//!                        slot 1..=n = one backend id each
+//!  backends   HASH     u32 backend id -> BackendValue{addr,port,proto,flags}
+//!  rev_nat    HASH     u16 rev_nat_id -> RevNatValue{addr,port} (the frontend replies come from)
+//!  conntrack  LRU_HASH CtKey{5-tuple as seen on the wire, direction} -> CtValue
+//! ```
+#![no_std]
+
+pub mod conntrack;
+pub mod service;
+
+pub use conntrack::{CtKey, CtValue};
+pub use service::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+
+/// Version of the map layout. Bumped whenever a key or value changes shape; the agent refuses to
+/// adopt pinned maps written with another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// Map names. They are the names of the `static`s in the kernel object and of the pins in bpffs.
+pub mod map_names {
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const REV_NAT: &str = "LB_REV_NAT";
+    pub const CONNTRACK: &str = "LB_CONNTRACK";
+}
+
+/// Default map capacities. The conntrack size can be changed by the agent before load.
+pub mod map_sizes {
+    /// Frontend master entries plus one entry per backend slot.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 131_072;
+    pub const REV_NAT: u32 = 65_536;
+    /// Two entries per flow (forward and reply).
+    pub const CONNTRACK: u32 = 262_144;
+}
+
+/// Program names in the kernel object.
+pub mod program_names {
+    /// tc ingress on pod-facing interfaces: service lookup, DNAT and reverse NAT.
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
+}
+
+/// IP protocol numbers as used in keys.
+pub mod proto {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const SCTP: u8 = 132;
+}
+
+/// Converts an IPv4 address to the network-order `u32` stored in maps.
+#[inline]
+pub const fn ipv4_to_net(addr: core::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// Converts a network-order `u32` from a map back to an address.
+#[inline]
+pub const fn net_to_ipv4(addr: u32) -> core::net::Ipv4Addr {
+    let b = addr.to_ne_bytes();
+    core::net::Ipv4Addr::new(b[0], b[1], b[2], b[3])
+}
+
+/// Converts a host-order port to the network-order `u16` stored in maps.
+#[inline]
+pub const fn port_to_net(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// Converts a network-order port from a map back to host order.
+#[inline]
+pub const fn net_to_port(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::Ipv4Addr;
+
+    #[test]
+    fn address_conversion_keeps_wire_order() {
+        let a = Ipv4Addr::new(198, 18, 0, 10);
+        let n = ipv4_to_net(a);
+        assert_eq!(n.to_ne_bytes(), [198, 18, 0, 10]);
+        assert_eq!(net_to_ipv4(n), a);
+        assert_eq!(port_to_net(80).to_ne_bytes(), [0, 80]);
+        assert_eq!(net_to_port(port_to_net(8080)), 8080);
+    }
+}

@@ -1,0 +1,103 @@
+//! Service, backend and reverse-NAT map entries.
+
+/// Key of the services map: one frontend (address, port, protocol), a scope and a slot.
+///
+/// Slot 0 is the frontend's master entry; slots `1..=count` each name one backend. `scope` selects
+/// between the cluster-wide backend set ([`SCOPE_CLUSTER`]) and a node-local set ([`SCOPE_LOCAL`])
+/// for frontends whose traffic policy is Local.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceKey {
+    /// Frontend IPv4 address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    /// IP protocol number ([`crate::proto`]).
+    pub proto: u8,
+    pub scope: u8,
+    pub slot: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
+
+pub const SCOPE_CLUSTER: u8 = 0;
+pub const SCOPE_LOCAL: u8 = 1;
+
+impl ServiceKey {
+    pub const fn new(addr: u32, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope,
+            slot,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the services map.
+///
+/// In a master entry (slot 0) `count`, `rev_nat_id` and `flags` are meaningful and `backend_id` is
+/// zero. In a backend slot only `backend_id` is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    /// Number of backend slots (master only). Zero means the frontend has no usable endpoints.
+    pub count: u16,
+    pub rev_nat_id: u16,
+    /// `SVC_FLAG_*` bits (master only).
+    pub flags: u16,
+    pub _pad: u16,
+    /// Session-affinity timeout in seconds, 0 when affinity is off (master only).
+    pub affinity_timeout: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+/// The frontend is a ClusterIP.
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+
+/// Value of the backends map, keyed by a `u32` backend id (ids start at 1; 0 means none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendValue {
+    /// Backend IPv4 address, network order.
+    pub addr: u32,
+    /// Backend port, network order.
+    pub port: u16,
+    pub proto: u8,
+    /// `BACKEND_FLAG_*` bits.
+    pub flags: u8,
+}
+const _: () = assert!(core::mem::size_of::<BackendValue>() == 8);
+
+/// The endpoint is terminating (serving, not ready); it receives no new flows while ready ones exist.
+pub const BACKEND_FLAG_TERMINATING: u8 = 1 << 0;
+/// The endpoint runs on this node.
+pub const BACKEND_FLAG_LOCAL: u8 = 1 << 1;
+
+/// Value of the reverse-NAT map, keyed by a `u16` rev_nat_id: the frontend replies must come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevNatValue {
+    /// Frontend address, network order.
+    pub addr: u32,
+    /// Frontend port, network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four types are repr(C), contain only integers and have no implicit padding
+    // (checked by the size assertions above), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNatValue {}
+}

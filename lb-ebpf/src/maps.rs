@@ -1,0 +1,22 @@
+//! The maps, pinned by name so that userspace (agent and lbctl) and later program instances find
+//! them under the agent's `--bpffs` directory. Layouts and names come from lb-common.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
+use lb_common::{
+    map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
+};
+
+#[map(name = "LB_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(map_sizes::SERVICES, 0);
+
+#[map(name = "LB_BACKENDS")]
+pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(map_sizes::BACKENDS, 0);
+
+#[map(name = "LB_REV_NAT")]
+pub static REV_NAT: HashMap<u16, RevNatValue> = HashMap::pinned(map_sizes::REV_NAT, 0);
+
+#[map(name = "LB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CONNTRACK, 0);

@@ -1,0 +1,96 @@
+//! tc (TCX) ingress on pod-facing interfaces: traffic from pods to frontends, and replies from
+//! local backend pods.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use lb_common::proto;
+
+use crate::{
+    lb::{self, Verdict},
+    packet::{self, Flow, PacketRead, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+};
+
+impl PacketRead for TcContext {
+    #[inline(always)]
+    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.load::<T>(offset).ok()
+    }
+}
+
+#[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    match try_lb_tc_ingress(&ctx) {
+        Ok(action) => action,
+        // A failed rewrite leaves a half-translated packet: never let it out.
+        Err(_) => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(flow) = packet::parse(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    match lb::process(&flow) {
+        Verdict::Pass => Ok(TC_ACT_OK),
+        Verdict::Drop => Ok(TC_ACT_SHOT),
+        Verdict::Dnat { addr, port } => {
+            rewrite(ctx, &flow, IP_DST_OFF, flow.dst_addr, addr, flow.l4_off + 2, flow.dst_port, port)?;
+            Ok(TC_ACT_OK)
+        }
+        Verdict::RevNat { addr, port } => {
+            rewrite(ctx, &flow, IP_SRC_OFF, flow.src_addr, addr, flow.l4_off, flow.src_port, port)?;
+            Ok(TC_ACT_OK)
+        }
+    }
+}
+
+/// Rewrites one address and one port and fixes both checksums incrementally. The kernel helpers
+/// know the skb's checksum state (including CHECKSUM_PARTIAL from veth offload), which is why tc
+/// uses them rather than recomputing by hand.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    addr_off: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    // A UDP checksum of zero means "no checksum" and must stay zero.
+    let fix_l4 = !(flow.proto == proto::UDP && flow.l4_csum == 0);
+    let mangled_0 = if flow.proto == proto::UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    if old_addr != new_addr {
+        if fix_l4 {
+            ctx.l4_csum_replace(
+                flow.l4_csum_off,
+                old_addr as u64,
+                new_addr as u64,
+                BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4,
+            )?;
+        }
+        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+        ctx.store(addr_off, &new_addr, 0)?;
+    }
+    if old_port != new_port {
+        if fix_l4 {
+            ctx.l4_csum_replace(
+                flow.l4_csum_off,
+                old_port as u64,
+                new_port as u64,
+                mangled_0 | 2,
+            )?;
+        }
+        ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}

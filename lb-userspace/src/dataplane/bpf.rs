@@ -1,0 +1,109 @@
+//! The real dataplane: the pinned BPF maps.
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue};
+
+use super::{Dataplane, Error, Result};
+
+/// Handles on the service maps. Built from a loaded object (the agent) or from the pins in a
+/// bpffs directory (lbctl, tests), so both read the very same maps.
+pub struct BpfMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, u32, BackendValue>,
+    pub rev_nat: HashMap<MapData, u16, RevNatValue>,
+}
+
+fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { op, map, source }
+}
+
+impl BpfMaps {
+    /// Opens the maps pinned under `dir` (the agent's `--bpffs` directory).
+    pub fn from_pins(dir: &Path) -> Result<Self> {
+        fn open<K: aya::Pod, V: aya::Pod>(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>> {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err("open pin", name))?;
+            HashMap::try_from(Map::HashMap(data)).map_err(map_err("open", name))
+        }
+        Ok(Self {
+            services: open(dir, map_names::SERVICES)?,
+            backends: open(dir, map_names::BACKENDS)?,
+            rev_nat: open(dir, map_names::REV_NAT)?,
+        })
+    }
+
+    /// Takes the maps out of a freshly loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self> {
+        fn take<K: aya::Pod, V: aya::Pod>(
+            ebpf: &mut aya::Ebpf,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(aya::maps::MapError::InvalidName { name: name.into() })
+                .map_err(map_err("take", name))?;
+            HashMap::try_from(map).map_err(map_err("open", name))
+        }
+        Ok(Self {
+            services: take(ebpf, map_names::SERVICES)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+            rev_nat: take(ebpf, map_names::REV_NAT)?,
+        })
+    }
+}
+
+fn collect<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<Vec<(K, V)>> {
+    map.iter()
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(map_err("iterate", name))
+}
+
+/// Deleting a key that is already gone is not an error: the goal state is reached.
+fn tolerate_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl Dataplane for BpfMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        collect(&self.services, map_names::SERVICES)
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
+        collect(&self.backends, map_names::BACKENDS)
+    }
+    fn rev_nats(&self) -> Result<Vec<(u16, RevNatValue)>> {
+        collect(&self.rev_nat, map_names::REV_NAT)
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err("insert", map_names::SERVICES))
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
+        tolerate_missing(self.services.remove(&key)).map_err(map_err("delete", map_names::SERVICES))
+    }
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(map_err("insert", map_names::BACKENDS))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        tolerate_missing(self.backends.remove(&id)).map_err(map_err("delete", map_names::BACKENDS))
+    }
+    fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
+        self.rev_nat
+            .insert(id, value, 0)
+            .map_err(map_err("insert", map_names::REV_NAT))
+    }
+    fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
+        tolerate_missing(self.rev_nat.remove(&id)).map_err(map_err("delete", map_names::REV_NAT))
+    }
+}

@@ -1,0 +1,82 @@
+//! An in-memory dataplane for tests. After every operation it checks what a packet could observe
+//! at that instant: every master's slots `1..=count` exist and name existing backends, and every
+//! master's rev-NAT entry exists. A writer that breaks make-before-break fails here.
+use std::collections::BTreeMap;
+
+use lb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+
+use super::{Dataplane, Error, Result};
+
+#[derive(Debug, Default, Clone)]
+pub struct FakeMaps {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub rev_nat: BTreeMap<u16, RevNatValue>,
+    /// Every operation, in order, for tests that look at the sequence.
+    pub log: Vec<String>,
+}
+
+impl FakeMaps {
+    /// Checks that a packet arriving now would find a consistent frontend.
+    pub fn check_consistent(&self) -> Result<()> {
+        for (key, master) in self.services.iter().filter(|(k, _)| k.slot == 0) {
+            if !self.rev_nat.contains_key(&master.rev_nat_id) {
+                return Err(Error::Fake(format!("{key:?}: rev_nat {} missing", master.rev_nat_id)));
+            }
+            for slot in 1..=master.count {
+                let slot_key = ServiceKey { slot, ..*key };
+                let Some(v) = self.services.get(&slot_key) else {
+                    return Err(Error::Fake(format!("{key:?}: slot {slot} missing")));
+                };
+                if !self.backends.contains_key(&v.backend_id) {
+                    return Err(Error::Fake(format!(
+                        "{key:?}: slot {slot} names missing backend {}",
+                        v.backend_id
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn after(&mut self, op: String) -> Result<()> {
+        self.log.push(op);
+        self.check_consistent()
+    }
+}
+
+impl Dataplane for FakeMaps {
+    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn backends(&self) -> Result<Vec<(u32, BackendValue)>> {
+        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn rev_nats(&self) -> Result<Vec<(u16, RevNatValue)>> {
+        Ok(self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        self.services.insert(key, value);
+        self.after(format!("put service slot {}", key.slot))
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
+        self.services.remove(&key);
+        self.after(format!("delete service slot {}", key.slot))
+    }
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
+        self.backends.insert(id, value);
+        self.after(format!("put backend {id}"))
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        self.backends.remove(&id);
+        self.after(format!("delete backend {id}"))
+    }
+    fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
+        self.rev_nat.insert(id, value);
+        self.after(format!("put rev_nat {id}"))
+    }
+    fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
+        self.rev_nat.remove(&id);
+        self.after(format!("delete rev_nat {id}"))
+    }
+}

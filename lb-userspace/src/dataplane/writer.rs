@@ -1,0 +1,277 @@
+//! Diff-and-apply of desired frontends onto the maps, make-before-break.
+//!
+//! Order of one apply:
+//! 1. insert backends that are new;
+//! 2. for every new or changed frontend: its rev-NAT entry, then its slots `1..=n`, then its
+//!    master entry with count `n` (so the master never names a slot that is not written yet);
+//! 3. only then delete what is no longer needed: slots past the new count, whole frontends that
+//!    went away (master first, so lookups stop before the slots vanish), their rev-NAT entries,
+//!    and finally backends no frontend references.
+//!
+//! A packet racing the update therefore always finds either the old or the new backend set, and
+//! every backend id a slot names still exists. Cilium deletes orphaned backends first and drops
+//! new flows in that window; we delete them last.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use lb_common::{ServiceKey, ServiceValue};
+
+use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result};
+
+/// What the writer believes one frontend holds in the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Programmed {
+    rev_nat_id: u16,
+    flags: u16,
+    /// Backend id of slot i+1.
+    slots: Vec<u32>,
+}
+
+/// Counts of map operations, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub frontends_changed: usize,
+    pub frontends_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub map_writes: usize,
+    pub map_deletes: usize,
+}
+
+/// Keeps the maps equal to the desired state. Adopts whatever a previous agent left in the maps.
+pub struct Writer {
+    frontends: BTreeMap<FrontendAddr, Programmed>,
+    backend_ids: HashMap<BackendAddr, u32>,
+    used_backend_ids: HashSet<u32>,
+    used_rev_nat_ids: HashSet<u16>,
+    /// Slot entries found at adoption that no master names (an apply interrupted mid-way).
+    stray_slots: Vec<ServiceKey>,
+    /// Next id to try; ids are handed out round-robin so a freed id is not reused at once.
+    next_backend_id: u32,
+    next_rev_nat_id: u16,
+}
+
+const MAX_BACKEND_ID: u32 = lb_common::map_sizes::BACKENDS;
+const MAX_REV_NAT_ID: u16 = u16::MAX;
+
+impl Writer {
+    /// Reads the maps and takes over what is there, so that a restart reconciles instead of
+    /// flushing: existing ids stay the same and established flows keep their entries.
+    pub fn adopt(dp: &impl Dataplane) -> Result<Self> {
+        let mut backend_ids = HashMap::new();
+        let mut max_backend = 0;
+        for (id, value) in dp.backends()? {
+            backend_ids.insert(BackendAddr::from_value(&value), id);
+            max_backend = max_backend.max(id);
+        }
+        let mut frontends = BTreeMap::new();
+        let services = dp.services()?;
+        let slots: HashMap<_, _> = services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .map(|(k, v)| ((FrontendAddr::from_key(k), k.slot), v.backend_id))
+            .collect();
+        let mut max_rev_nat = 0;
+        for (key, master) in services.iter().filter(|(k, _)| k.slot == 0) {
+            let fe = FrontendAddr::from_key(key);
+            let slots = (1..=master.count)
+                .map(|s| slots.get(&(fe, s)).copied().unwrap_or(0))
+                .collect();
+            max_rev_nat = max_rev_nat.max(master.rev_nat_id);
+            frontends.insert(
+                fe,
+                Programmed {
+                    rev_nat_id: master.rev_nat_id,
+                    flags: master.flags,
+                    slots,
+                },
+            );
+        }
+        let used_backend_ids = backend_ids.values().copied().collect();
+        let used_rev_nat_ids = frontends.values().map(|p: &Programmed| p.rev_nat_id).collect();
+        let mut writer = Self {
+            frontends,
+            backend_ids,
+            used_backend_ids,
+            used_rev_nat_ids,
+            stray_slots: Vec::new(),
+            next_backend_id: max_backend % MAX_BACKEND_ID + 1,
+            next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
+        };
+        // Slots past a master's count, or of frontends without a master, are leftovers of an
+        // interrupted apply: the next apply deletes those it does not rewrite.
+        writer.stray_slots = services
+            .iter()
+            .filter(|(k, _)| {
+                k.slot != 0
+                    && writer
+                        .frontends
+                        .get(&FrontendAddr::from_key(k))
+                        .is_none_or(|p| k.slot as usize > p.slots.len())
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        Ok(writer)
+    }
+
+    /// Number of frontends currently programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// Number of backends currently programmed.
+    pub fn backend_count(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Makes the maps hold exactly `desired`.
+    pub fn apply(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+
+        // 1. New backends.
+        let wanted: BTreeSet<BackendAddr> = desired
+            .values()
+            .flat_map(|d| d.backends.iter().copied())
+            .collect();
+        for b in &wanted {
+            if !self.backend_ids.contains_key(b) {
+                let id = self.alloc_backend_id()?;
+                dp.put_backend(id, b.to_value())?;
+                self.backend_ids.insert(*b, id);
+                self.used_backend_ids.insert(id);
+                stats.backends_added += 1;
+                stats.map_writes += 1;
+            }
+        }
+
+        // 2. New and changed frontends, each slots-then-master.
+        for (fe, want) in desired {
+            let slots: Vec<u32> = want.backends.iter().map(|b| self.backend_ids[b]).collect();
+            let old = self.frontends.get(fe).cloned();
+            if old.as_ref().is_some_and(|o| o.slots == slots && o.flags == want.flags) {
+                continue;
+            }
+            let rev_nat_id = match &old {
+                Some(o) => o.rev_nat_id,
+                None => {
+                    let id = self.alloc_rev_nat_id()?;
+                    dp.put_rev_nat(id, fe.rev_nat_value())?;
+                    self.used_rev_nat_ids.insert(id);
+                    stats.map_writes += 1;
+                    id
+                }
+            };
+            let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or(&[]);
+            for (i, &id) in slots.iter().enumerate() {
+                if old_slots.get(i) != Some(&id) {
+                    let value = ServiceValue {
+                        backend_id: id,
+                        ..Default::default()
+                    };
+                    dp.put_service(fe.key(i as u16 + 1), value)?;
+                    stats.map_writes += 1;
+                }
+            }
+            let master = ServiceValue {
+                backend_id: 0,
+                count: slots.len() as u16,
+                rev_nat_id,
+                flags: want.flags,
+                _pad: 0,
+                affinity_timeout: 0,
+            };
+            dp.put_service(fe.key(0), master)?;
+            stats.map_writes += 1;
+            // 3a. Slots past the new count, now that the master no longer names them.
+            for slot in slots.len()..old_slots.len() {
+                dp.delete_service(fe.key(slot as u16 + 1))?;
+                stats.map_deletes += 1;
+            }
+            stats.frontends_changed += 1;
+            self.frontends.insert(
+                *fe,
+                Programmed {
+                    rev_nat_id,
+                    flags: want.flags,
+                    slots,
+                },
+            );
+        }
+
+        // 3b. Frontends that went away: master, slots, rev-NAT.
+        let gone: Vec<FrontendAddr> = self
+            .frontends
+            .keys()
+            .filter(|fe| !desired.contains_key(fe))
+            .copied()
+            .collect();
+        for fe in gone {
+            let p = self.frontends.remove(&fe).expect("listed above");
+            dp.delete_service(fe.key(0))?;
+            for slot in 1..=p.slots.len() {
+                dp.delete_service(fe.key(slot as u16))?;
+            }
+            dp.delete_rev_nat(p.rev_nat_id)?;
+            self.used_rev_nat_ids.remove(&p.rev_nat_id);
+            stats.map_deletes += 2 + p.slots.len();
+            stats.frontends_removed += 1;
+        }
+        for key in std::mem::take(&mut self.stray_slots) {
+            let fe = FrontendAddr::from_key(&key);
+            let still_used = self
+                .frontends
+                .get(&fe)
+                .is_some_and(|p| (key.slot as usize) <= p.slots.len());
+            if !still_used {
+                dp.delete_service(key)?;
+                stats.map_deletes += 1;
+            }
+        }
+
+        // 3c. Backends nobody references any more, last.
+        let orphans: Vec<BackendAddr> = self
+            .backend_ids
+            .keys()
+            .filter(|b| !wanted.contains(b))
+            .copied()
+            .collect();
+        for b in orphans {
+            let id = self.backend_ids.remove(&b).expect("listed above");
+            dp.delete_backend(id)?;
+            self.used_backend_ids.remove(&id);
+            stats.backends_removed += 1;
+            stats.map_deletes += 1;
+        }
+        Ok(stats)
+    }
+
+    fn alloc_backend_id(&mut self) -> Result<u32> {
+        for _ in 0..MAX_BACKEND_ID {
+            let id = self.next_backend_id;
+            self.next_backend_id = id % MAX_BACKEND_ID + 1;
+            if !self.used_backend_ids.contains(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Error::IdsExhausted {
+            what: "backend",
+            max: MAX_BACKEND_ID,
+        })
+    }
+
+    fn alloc_rev_nat_id(&mut self) -> Result<u16> {
+        for _ in 0..MAX_REV_NAT_ID {
+            let id = self.next_rev_nat_id;
+            self.next_rev_nat_id = id % MAX_REV_NAT_ID + 1;
+            if !self.used_rev_nat_ids.contains(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Error::IdsExhausted {
+            what: "rev_nat",
+            max: MAX_REV_NAT_ID as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+//! Loading the kernel object, pinning its maps under the agent's bpffs directory, and attaching
+//! its programs to interfaces.
+use std::{
+    ffi::CString,
+    mem::size_of,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::MapData,
+    programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{map_names, program_names, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue};
+
+/// The kernel object built by build.rs (lb-ebpf, binary `lb`).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("creating bpffs directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("mounting bpffs at {path}: {source}")]
+    Mount { path: PathBuf, source: std::io::Error },
+    #[error("statfs {path}: {source}")]
+    Statfs { path: PathBuf, source: std::io::Error },
+    #[error(
+        "pinned map {path} has key size {found_key} and value size {found_value}, this agent expects \
+         {want_key} and {want_value} (map layout version {abi}); it was written by an incompatible \
+         agent: run `lb-agent cleanup --bpffs {dir}` or remove the pins, then start again"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        dir: PathBuf,
+        found_key: u32,
+        found_value: u32,
+        want_key: u32,
+        want_value: u32,
+        abi: u32,
+    },
+    #[error("opening pinned map {path}: {source}")]
+    OpenPin { path: PathBuf, source: aya::maps::MapError },
+    #[error("loading the eBPF object (maps pinned under {dir}): {source}")]
+    Load { dir: PathBuf, source: aya::EbpfError },
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("loading program {name} into the kernel: {source}")]
+    LoadProgram { name: &'static str, source: aya::programs::ProgramError },
+    #[error("attaching {name} to tc ingress of {iface}: {source}")]
+    Attach { name: &'static str, iface: String, source: aya::programs::ProgramError },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Makes sure `dir` is on a bpffs, mounting a fresh one there when it is not. Returns whether a
+/// mount was made.
+pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir { path: dir.into(), source })?;
+    if is_bpffs(dir)? {
+        return Ok(false);
+    }
+    let target = CString::new(dir.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call; the
+    // data argument may be null for bpffs.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Mount { path: dir.into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(true)
+}
+
+fn is_bpffs(dir: &Path) -> Result<bool> {
+    let path = CString::new(dir.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: statfs writes into the zeroed struct we own; `path` is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(Error::Statfs { path: dir.into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// The maps the agent pins, with the key and value sizes this build expects.
+const PINNED_MAPS: [(&str, usize, usize); 4] = [
+    (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+    (map_names::BACKENDS, size_of::<u32>(), size_of::<BackendValue>()),
+    (map_names::REV_NAT, size_of::<u16>(), size_of::<RevNatValue>()),
+    (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
+];
+
+/// Refuses to reuse pins whose layout differs from this build's: the kernel would accept them and
+/// the programs would read garbage.
+pub fn check_pinned_layouts(dir: &Path) -> Result<()> {
+    for (name, key, value) in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path).map_err(|source| Error::OpenPin { path: path.clone(), source })?;
+        let info = data.info().map_err(|source| Error::OpenPin { path: path.clone(), source })?;
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            return Err(Error::IncompatiblePin {
+                path,
+                dir: dir.into(),
+                found_key: info.key_size(),
+                found_value: info.value_size(),
+                want_key: key as u32,
+                want_value: value as u32,
+                abi: lb_common::ABI_VERSION,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Options for [`load`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// bpffs directory for the pins (must be on a bpffs: see [`ensure_bpffs`]).
+    pub bpffs: PathBuf,
+    /// Conntrack capacity; only takes effect when the map is created (not when adopted).
+    pub conntrack_size: u32,
+}
+
+/// Loads the object with every map pinned under `opts.bpffs` (reusing pins that exist, so a
+/// restarted agent keeps conntrack and service state) and loads the tc program into the kernel.
+pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
+    check_pinned_layouts(&opts.bpffs)?;
+    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|(n, _, _)| (*n, opts.bpffs.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_size);
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .map_err(|source| Error::Load { dir: opts.bpffs.clone(), source })?;
+    tc_program(&mut ebpf)?
+        .load()
+        .map_err(|source| Error::LoadProgram { name: program_names::TC_INGRESS, source })?;
+    Ok(ebpf)
+}
+
+/// The tc ingress program of a loaded object.
+pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(program_names::TC_INGRESS)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::MissingProgram(program_names::TC_INGRESS))
+}
+
+/// Attaches the tc program to the ingress of `iface` through TCX. The link lives as long as the
+/// `Ebpf` it came from.
+pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<SchedClassifierLinkId> {
+    tc_program(ebpf)?
+        .attach(iface, TcAttachType::Ingress)
+        .map_err(|source| Error::Attach { name: program_names::TC_INGRESS, iface: iface.into(), source })
+}
+
+/// Interfaces the agent attaches to when none are named: the host ends of veth pairs, which is
+/// what pod interfaces look like from the node. A veth is recognised by `/sys/class/net/X/device`
+/// being absent and `iflink` differing from `ifindex` (it names the peer).
+pub fn detect_pod_interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).map(|s| s.trim().to_string()).ok();
+        let is_veth = std::fs::read_link(dir.join("device")).is_err()
+            && read("type").as_deref() == Some("1")
+            && read("iflink").is_some()
+            && read("iflink") != read("ifindex");
+        if is_veth {
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
