@@ -4,13 +4,10 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap},
 };
-use lb_common::{
-    map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
-};
+use lb_common::{map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue};
 
 #[map(name = "LB_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(map_sizes::SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(map_sizes::SERVICES, 0);
 
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(map_sizes::BACKENDS, 0);

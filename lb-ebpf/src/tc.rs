@@ -37,11 +37,29 @@ fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop => Ok(TC_ACT_SHOT),
         Verdict::Dnat { addr, port } => {
-            rewrite(ctx, &flow, IP_DST_OFF, flow.dst_addr, addr, flow.l4_off + 2, flow.dst_port, port)?;
+            rewrite(
+                ctx,
+                &flow,
+                IP_DST_OFF,
+                flow.dst_addr,
+                addr,
+                flow.l4_off + 2,
+                flow.dst_port,
+                port,
+            )?;
             Ok(TC_ACT_OK)
         }
         Verdict::RevNat { addr, port } => {
-            rewrite(ctx, &flow, IP_SRC_OFF, flow.src_addr, addr, flow.l4_off, flow.src_port, port)?;
+            rewrite(
+                ctx,
+                &flow,
+                IP_SRC_OFF,
+                flow.src_addr,
+                addr,
+                flow.l4_off,
+                flow.src_port,
+                port,
+            )?;
             Ok(TC_ACT_OK)
         }
     }

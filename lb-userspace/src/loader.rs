@@ -12,7 +12,9 @@ use aya::{
     programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
-use lb_common::{map_names, program_names, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue};
+use lb_common::{
+    map_names, program_names, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
+};
 
 /// The kernel object built by build.rs (lb-ebpf, binary `lb`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -22,11 +24,20 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("creating bpffs directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("mounting bpffs at {path}: {source}")]
-    Mount { path: PathBuf, source: std::io::Error },
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("statfs {path}: {source}")]
-    Statfs { path: PathBuf, source: std::io::Error },
+    Statfs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "pinned map {path} has key size {found_key} and value size {found_value}, this agent expects \
          {want_key} and {want_value} (map layout version {abi}); it was written by an incompatible \
@@ -42,15 +53,28 @@ pub enum Error {
         abi: u32,
     },
     #[error("opening pinned map {path}: {source}")]
-    OpenPin { path: PathBuf, source: aya::maps::MapError },
+    OpenPin {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
     #[error("loading the eBPF object (maps pinned under {dir}): {source}")]
-    Load { dir: PathBuf, source: aya::EbpfError },
+    Load {
+        dir: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("loading program {name} into the kernel: {source}")]
-    LoadProgram { name: &'static str, source: aya::programs::ProgramError },
+    LoadProgram {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("attaching {name} to tc ingress of {iface}: {source}")]
-    Attach { name: &'static str, iface: String, source: aya::programs::ProgramError },
+    Attach {
+        name: &'static str,
+        iface: String,
+        source: aya::programs::ProgramError,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,7 +82,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Makes sure `dir` is on a bpffs, mounting a fresh one there when it is not. Returns whether a
 /// mount was made.
 pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir { path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+        path: dir.into(),
+        source,
+    })?;
     if is_bpffs(dir)? {
         return Ok(false);
     }
@@ -75,7 +102,10 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
         )
     };
     if rc != 0 {
-        return Err(Error::Mount { path: dir.into(), source: std::io::Error::last_os_error() });
+        return Err(Error::Mount {
+            path: dir.into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(true)
 }
@@ -86,17 +116,36 @@ fn is_bpffs(dir: &Path) -> Result<bool> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } != 0 {
-        return Err(Error::Statfs { path: dir.into(), source: std::io::Error::last_os_error() });
+        return Err(Error::Statfs {
+            path: dir.into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
 const PINNED_MAPS: [(&str, usize, usize); 4] = [
-    (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>()),
-    (map_names::BACKENDS, size_of::<u32>(), size_of::<BackendValue>()),
-    (map_names::REV_NAT, size_of::<u16>(), size_of::<RevNatValue>()),
-    (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>()),
+    (
+        map_names::SERVICES,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+    ),
+    (
+        map_names::BACKENDS,
+        size_of::<u32>(),
+        size_of::<BackendValue>(),
+    ),
+    (
+        map_names::REV_NAT,
+        size_of::<u16>(),
+        size_of::<RevNatValue>(),
+    ),
+    (
+        map_names::CONNTRACK,
+        size_of::<CtKey>(),
+        size_of::<CtValue>(),
+    ),
 ];
 
 /// Refuses to reuse pins whose layout differs from this build's: the kernel would accept them and
@@ -107,8 +156,14 @@ pub fn check_pinned_layouts(dir: &Path) -> Result<()> {
         if !path.exists() {
             continue;
         }
-        let data = MapData::from_pin(&path).map_err(|source| Error::OpenPin { path: path.clone(), source })?;
-        let info = data.info().map_err(|source| Error::OpenPin { path: path.clone(), source })?;
+        let data = MapData::from_pin(&path).map_err(|source| Error::OpenPin {
+            path: path.clone(),
+            source,
+        })?;
+        let info = data.info().map_err(|source| Error::OpenPin {
+            path: path.clone(),
+            source,
+        })?;
         if info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(Error::IncompatiblePin {
                 path,
@@ -137,18 +192,25 @@ pub struct LoadOptions {
 /// restarted agent keeps conntrack and service state) and loads the tc program into the kernel.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     check_pinned_layouts(&opts.bpffs)?;
-    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|(n, _, _)| (*n, opts.bpffs.join(n))).collect();
+    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|(n, _, _)| (*n, opts.bpffs.join(n)))
+        .collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_size);
-    let mut ebpf = loader
-        .load(EBPF_OBJECT)
-        .map_err(|source| Error::Load { dir: opts.bpffs.clone(), source })?;
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
+        dir: opts.bpffs.clone(),
+        source: Box::new(source),
+    })?;
     tc_program(&mut ebpf)?
         .load()
-        .map_err(|source| Error::LoadProgram { name: program_names::TC_INGRESS, source })?;
+        .map_err(|source| Error::LoadProgram {
+            name: program_names::TC_INGRESS,
+            source,
+        })?;
     Ok(ebpf)
 }
 
@@ -164,7 +226,11 @@ pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
 pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<SchedClassifierLinkId> {
     tc_program(ebpf)?
         .attach(iface, TcAttachType::Ingress)
-        .map_err(|source| Error::Attach { name: program_names::TC_INGRESS, iface: iface.into(), source })
+        .map_err(|source| Error::Attach {
+            name: program_names::TC_INGRESS,
+            iface: iface.into(),
+            source,
+        })
 }
 
 /// Interfaces the agent attaches to when none are named: the host ends of veth pairs, which is
@@ -177,7 +243,11 @@ pub fn detect_pod_interfaces() -> Vec<String> {
     };
     for entry in entries.flatten() {
         let dir = entry.path();
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).map(|s| s.trim().to_string()).ok();
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map(|s| s.trim().to_string())
+                .ok()
+        };
         let is_veth = std::fs::read_link(dir.join("device")).is_err()
             && read("type").as_deref() == Some("1")
             && read("iflink").is_some()

@@ -19,7 +19,11 @@ use lb_userspace::{
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
-#[command(name = "lb-agent", version, about = "eBPF Service load balancer: node agent (kube-proxy replacement)")]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "eBPF Service load balancer: node agent (kube-proxy replacement)"
+)]
 struct Args {
     /// Read Services and EndpointSlices from YAML files in DIR and follow changes (no cluster needed).
     #[arg(long, value_name = "DIR")]
@@ -69,7 +73,10 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
     }
     if let Err(e) = run(args) {
         error!("{e:#}");
@@ -85,7 +92,9 @@ fn run(args: Args) -> Result<()> {
         );
     };
     if args.kubeconfig.is_some() {
-        bail!("--kubeconfig: the Kubernetes API source is not implemented yet; use --manifests DIR");
+        bail!(
+            "--kubeconfig: the Kubernetes API source is not implemented yet; use --manifests DIR"
+        );
     }
     if let Some(cgroup) = &args.cgroup {
         warn!(cgroup = %cgroup.display(), "--cgroup given, but host-process socket hooks are not implemented yet: host processes are not load-balanced");

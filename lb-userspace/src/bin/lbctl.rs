@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use lb_userspace::dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, FrontendAddr};
 
 #[derive(Parser)]
-#[command(name = "lbctl", version, about = "Inspect the load balancer's BPF maps")]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Inspect the load balancer's BPF maps"
+)]
 struct Args {
     /// The agent's pin directory.
     #[arg(long, global = true, default_value = "/sys/fs/bpf/lb")]
@@ -47,11 +51,23 @@ fn dump(maps: &impl Dataplane) -> Result<String> {
     masters.sort_by_key(|(k, _)| FrontendAddr::from_key(k));
     for (key, master) in masters {
         let fe = FrontendAddr::from_key(key);
-        writeln!(out, "{}:{}/{} rev_nat={} backends={}", fe.addr, fe.port, proto_name(fe.proto), master.rev_nat_id, master.count)?;
+        writeln!(
+            out,
+            "{}:{}/{} rev_nat={} backends={}",
+            fe.addr,
+            fe.port,
+            proto_name(fe.proto),
+            master.rev_nat_id,
+            master.count
+        )?;
         for slot in 1..=master.count {
-            let id = services.get(&lb_common::ServiceKey { slot, ..*key }).map(|v| v.backend_id);
+            let id = services
+                .get(&lb_common::ServiceKey { slot, ..*key })
+                .map(|v| v.backend_id);
             match id.and_then(|id| backends.get(&id).map(|b| (id, BackendAddr::from_value(b)))) {
-                Some((id, b)) => writeln!(out, "  slot {slot}: backend {id} {}:{}", b.addr, b.port)?,
+                Some((id, b)) => {
+                    writeln!(out, "  slot {slot}: backend {id} {}:{}", b.addr, b.port)?
+                }
                 None => writeln!(out, "  slot {slot}: MISSING")?,
             }
         }

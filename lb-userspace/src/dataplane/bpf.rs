@@ -65,7 +65,9 @@ fn collect<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Deleting a key that is already gone is not an error: the goal state is reached.
-fn tolerate_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+fn tolerate_missing(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         other => other,

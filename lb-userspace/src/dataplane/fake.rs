@@ -21,7 +21,10 @@ impl FakeMaps {
     pub fn check_consistent(&self) -> Result<()> {
         for (key, master) in self.services.iter().filter(|(k, _)| k.slot == 0) {
             if !self.rev_nat.contains_key(&master.rev_nat_id) {
-                return Err(Error::Fake(format!("{key:?}: rev_nat {} missing", master.rev_nat_id)));
+                return Err(Error::Fake(format!(
+                    "{key:?}: rev_nat {} missing",
+                    master.rev_nat_id
+                )));
             }
             for slot in 1..=master.count {
                 let slot_key = ServiceKey { slot, ..*key };

@@ -87,7 +87,10 @@ impl Writer {
             );
         }
         let used_backend_ids = backend_ids.values().copied().collect();
-        let used_rev_nat_ids = frontends.values().map(|p: &Programmed| p.rev_nat_id).collect();
+        let used_rev_nat_ids = frontends
+            .values()
+            .map(|p: &Programmed| p.rev_nat_id)
+            .collect();
         let mut writer = Self {
             frontends,
             backend_ids,
@@ -147,7 +150,10 @@ impl Writer {
         for (fe, want) in desired {
             let slots: Vec<u32> = want.backends.iter().map(|b| self.backend_ids[b]).collect();
             let old = self.frontends.get(fe).cloned();
-            if old.as_ref().is_some_and(|o| o.slots == slots && o.flags == want.flags) {
+            if old
+                .as_ref()
+                .is_some_and(|o| o.slots == slots && o.flags == want.flags)
+            {
                 continue;
             }
             let rev_nat_id = match &old {

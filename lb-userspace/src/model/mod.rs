@@ -141,11 +141,26 @@ pub fn build(objects: &Objects, config: &Config) -> (Model, Vec<Warning>) {
         }
         let object = format!("Service {ns}/{name}");
         if !seen.insert((ns.clone(), name.clone())) {
-            warnings.push(warn(&object, "metadata.name", "duplicate Service; the first one is used"));
+            warnings.push(warn(
+                &object,
+                "metadata.name",
+                "duplicate Service; the first one is used",
+            ));
             continue;
         }
-        let svc_slices = slices.get(&(ns.clone(), name.clone())).map(Vec::as_slice).unwrap_or(&[]);
-        add_service(svc, &ns, &name, &object, svc_slices, &mut model, &mut warnings);
+        let svc_slices = slices
+            .get(&(ns.clone(), name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        add_service(
+            svc,
+            &ns,
+            &name,
+            &object,
+            svc_slices,
+            &mut model,
+            &mut warnings,
+        );
     }
     warnings.sort();
     (model, warnings)
@@ -195,7 +210,10 @@ fn slices_by_service<'a>(
             continue;
         };
         let (ns, _) = names(&slice.metadata);
-        by_service.entry((ns, service.clone())).or_default().push(slice);
+        by_service
+            .entry((ns, service.clone()))
+            .or_default()
+            .push(slice);
     }
     by_service
 }
@@ -220,7 +238,11 @@ fn add_service(
             // NodePort and LoadBalancer also get their ClusterIP; the external frontends come
             // with the external-traffic work.
             if !matches!(other, "NodePort" | "LoadBalancer") {
-                warnings.push(warn(object, "spec.type", format!("unknown type {other:?}; Service skipped")));
+                warnings.push(warn(
+                    object,
+                    "spec.type",
+                    format!("unknown type {other:?}; Service skipped"),
+                ));
                 return;
             }
         }
@@ -235,11 +257,21 @@ fn add_service(
         Some(ip) => match ip.trim().parse::<std::net::IpAddr>() {
             Ok(std::net::IpAddr::V4(v4)) => v4,
             Ok(std::net::IpAddr::V6(_)) => {
-                warnings.push(warn(object, "spec.clusterIP", format!("{ip} is IPv6, which the data path does not carry yet; Service skipped")));
+                warnings.push(warn(
+                    object,
+                    "spec.clusterIP",
+                    format!(
+                        "{ip} is IPv6, which the data path does not carry yet; Service skipped"
+                    ),
+                ));
                 return;
             }
             Err(_) => {
-                warnings.push(warn(object, "spec.clusterIP", format!("{ip:?} is not an IP address; Service skipped")));
+                warnings.push(warn(
+                    object,
+                    "spec.clusterIP",
+                    format!("{ip:?} is not an IP address; Service skipped"),
+                ));
                 return;
             }
         },
@@ -250,16 +282,32 @@ fn add_service(
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             "SCTP" => {
-                warnings.push(warn(object, &format!("{field}.protocol"), "SCTP is not carried by the data path yet; port skipped"));
+                warnings.push(warn(
+                    object,
+                    &format!("{field}.protocol"),
+                    "SCTP is not carried by the data path yet; port skipped",
+                ));
                 continue;
             }
             other => {
-                warnings.push(warn(object, &format!("{field}.protocol"), format!("unknown protocol {other:?}; port skipped")));
+                warnings.push(warn(
+                    object,
+                    &format!("{field}.protocol"),
+                    format!("unknown protocol {other:?}; port skipped"),
+                ));
                 continue;
             }
         };
-        let Ok(svc_port) = u16::try_from(port.port).map_err(drop).and_then(|p| if p == 0 { Err(()) } else { Ok(p) }) else {
-            warnings.push(warn(object, &format!("{field}.port"), format!("{} is outside 1..65535; port skipped", port.port)));
+        let Ok(svc_port) =
+            u16::try_from(port.port)
+                .map_err(drop)
+                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
+        else {
+            warnings.push(warn(
+                object,
+                &format!("{field}.port"),
+                format!("{} is outside 1..65535; port skipped", port.port),
+            ));
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
@@ -308,18 +356,34 @@ fn endpoints_for(
         }) else {
             continue;
         };
-        let Some(port) = port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
-            warnings.push(warn(&object, "ports[].port", format!("port {port_name:?} has no number in 1..65535; slice skipped for it")));
+        let Some(port) = port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            warnings.push(warn(
+                &object,
+                "ports[].port",
+                format!("port {port_name:?} has no number in 1..65535; slice skipped for it"),
+            ));
             continue;
         };
         for (i, ep) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses only the first address of an endpoint.
             let Some(first) = ep.addresses.first() else {
-                warnings.push(warn(&object, &format!("endpoints[{i}].addresses"), "empty; endpoint skipped"));
+                warnings.push(warn(
+                    &object,
+                    &format!("endpoints[{i}].addresses"),
+                    "empty; endpoint skipped",
+                ));
                 continue;
             };
             let Ok(addr) = first.trim().parse::<Ipv4Addr>() else {
-                warnings.push(warn(&object, &format!("endpoints[{i}].addresses[0]"), format!("{first:?} is not an IPv4 address; endpoint skipped")));
+                warnings.push(warn(
+                    &object,
+                    &format!("endpoints[{i}].addresses[0]"),
+                    format!("{first:?} is not an IPv4 address; endpoint skipped"),
+                ));
                 continue;
             };
             let cond = ep.conditions.as_ref();
@@ -338,7 +402,11 @@ fn endpoints_for(
 }
 
 fn choose_backends(endpoints: &[Endpoint]) -> Vec<(Ipv4Addr, u16)> {
-    let ready: Vec<_> = endpoints.iter().filter(|e| e.ready).map(|e| (e.addr, e.port)).collect();
+    let ready: Vec<_> = endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| (e.addr, e.port))
+        .collect();
     if !ready.is_empty() {
         return ready;
     }

@@ -4,7 +4,12 @@ use std::path::Path;
 
 fn model_of(yaml: &str, config: &Config) -> (Model, Vec<Warning>) {
     let (mut objects, mut doc_warnings) = (Objects::default(), Vec::new());
-    parse_into(Path::new("test.yaml"), yaml, &mut objects, &mut doc_warnings);
+    parse_into(
+        Path::new("test.yaml"),
+        yaml,
+        &mut objects,
+        &mut doc_warnings,
+    );
     assert!(doc_warnings.is_empty(), "{doc_warnings:?}");
     build(&objects, config)
 }
@@ -56,12 +61,26 @@ fn each_port_and_protocol_is_its_own_service_port() {
 #[test]
 fn slices_are_unioned_and_duplicates_count_once() {
     let (model, _) = model_of(WEB, &cfg());
-    let http = model.service_ports.values().find(|p| p.id.port_name == "http").unwrap();
-    let addrs: Vec<String> = http.endpoints.iter().map(|e| format!("{}:{}", e.addr, e.port)).collect();
-    assert_eq!(addrs, ["198.18.1.2:8080", "198.18.1.3:8080", "198.18.2.2:8080"]);
+    let http = model
+        .service_ports
+        .values()
+        .find(|p| p.id.port_name == "http")
+        .unwrap();
+    let addrs: Vec<String> = http
+        .endpoints
+        .iter()
+        .map(|e| format!("{}:{}", e.addr, e.port))
+        .collect();
+    assert_eq!(
+        addrs,
+        ["198.18.1.2:8080", "198.18.1.3:8080", "198.18.2.2:8080"]
+    );
     assert_eq!(
         http.backends,
-        vec![("198.18.1.2".parse().unwrap(), 8080), ("198.18.2.2".parse().unwrap(), 8080)],
+        vec![
+            ("198.18.1.2".parse().unwrap(), 8080),
+            ("198.18.2.2".parse().unwrap(), 8080)
+        ],
         "only ready endpoints receive new flows while any is ready"
     );
 }
@@ -69,7 +88,11 @@ fn slices_are_unioned_and_duplicates_count_once() {
 #[test]
 fn slice_ports_are_matched_by_name_and_protocol() {
     let (model, _) = model_of(WEB, &cfg());
-    let dns = model.service_ports.values().find(|p| p.id.port_name == "dns").unwrap();
+    let dns = model
+        .service_ports
+        .values()
+        .find(|p| p.id.port_name == "dns")
+        .unwrap();
     assert_eq!(dns.frontends[0].port, 53);
     // Only web-1 lists the dns port.
     assert_eq!(dns.backends, vec![("198.18.1.2".parse().unwrap(), 5353)]);
@@ -139,13 +162,32 @@ endpoints:
 "#;
     let (model, warnings) = model_of(yaml, &cfg());
     let text: Vec<String> = warnings.iter().map(|w| w.to_string()).collect();
-    assert!(text.iter().any(|w| w.starts_with("Service d/bad-ip spec.clusterIP:")), "{text:?}");
-    assert!(text.iter().any(|w| w.starts_with("Service d/mixed spec.ports[0].port:")), "{text:?}");
-    assert!(text.iter().any(|w| w.starts_with("Service d/mixed spec.ports[1].protocol:")), "{text:?}");
-    assert!(text.iter().any(|w| w.starts_with("EndpointSlice d/mixed-1 endpoints[0].addresses[0]:")), "{text:?}");
+    assert!(
+        text.iter()
+            .any(|w| w.starts_with("Service d/bad-ip spec.clusterIP:")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|w| w.starts_with("Service d/mixed spec.ports[0].port:")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|w| w.starts_with("Service d/mixed spec.ports[1].protocol:")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|w| w.starts_with("EndpointSlice d/mixed-1 endpoints[0].addresses[0]:")),
+        "{text:?}"
+    );
     let ids: Vec<String> = model.service_ports.keys().map(|k| k.to_string()).collect();
     assert_eq!(ids, ["d/mixed:c/TCP"]);
-    assert_eq!(model.service_ports.values().next().unwrap().backends.len(), 1);
+    assert_eq!(
+        model.service_ports.values().next().unwrap().backends.len(),
+        1
+    );
 }
 
 #[test]
@@ -162,14 +204,22 @@ metadata: {name: plain, namespace: d}
 spec: {clusterIP: 198.19.0.14, ports: [{port: 80}]}
 "#;
     let (model, _) = model_of(yaml, &cfg());
-    let names: Vec<&str> = model.service_ports.keys().map(|k| k.name.as_str()).collect();
+    let names: Vec<&str> = model
+        .service_ports
+        .keys()
+        .map(|k| k.name.as_str())
+        .collect();
     assert_eq!(names, ["plain"]);
     let named = Config {
         service_proxy_name: Some("lb".into()),
         ..cfg()
     };
     let (model, _) = model_of(yaml, &named);
-    let names: Vec<&str> = model.service_ports.keys().map(|k| k.name.as_str()).collect();
+    let names: Vec<&str> = model
+        .service_ports
+        .keys()
+        .map(|k| k.name.as_str())
+        .collect();
     assert_eq!(names, ["mine"]);
 }
 

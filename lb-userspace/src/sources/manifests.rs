@@ -109,7 +109,9 @@ pub fn parse_into(
             // After a syntax error the stream cannot be resynchronised (the iterator would yield
             // the same error forever): keep what came before and say where it stopped.
             Err(e) => {
-                warn(format!("invalid YAML, the rest of the file is skipped: {e}"));
+                warn(format!(
+                    "invalid YAML, the rest of the file is skipped: {e}"
+                ));
                 break;
             }
         }

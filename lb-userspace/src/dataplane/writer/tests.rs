@@ -53,7 +53,10 @@ fn first_apply_programs_every_frontend_and_backend() {
     let mut maps = FakeMaps::default();
     let mut w = Writer::adopt(&maps).unwrap();
     let stats = w
-        .apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2, 3]), (fe(11, 53), &[3])]))
+        .apply(
+            &mut maps,
+            &desired(&[(fe(10, 80), &[1, 2, 3]), (fe(11, 53), &[3])]),
+        )
         .unwrap();
     assert_eq!(programmed(&maps, fe(10, 80)), Some(vec![1, 2, 3]));
     assert_eq!(programmed(&maps, fe(11, 53)), Some(vec![3]));
@@ -67,14 +70,21 @@ fn first_apply_programs_every_frontend_and_backend() {
 fn removed_backend_leaves_slots_and_backend_map_orphans_deleted_last() {
     let mut maps = FakeMaps::default();
     let mut w = Writer::adopt(&maps).unwrap();
-    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2, 3])])).unwrap();
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2, 3])]))
+        .unwrap();
     maps.log.clear();
-    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 3])])).unwrap();
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 3])]))
+        .unwrap();
     assert_eq!(programmed(&maps, fe(10, 80)), Some(vec![1, 3]));
     assert_eq!(maps.backends.len(), 2);
     assert_eq!(
         maps.log,
-        ["put service slot 2", "put service slot 0", "delete service slot 3", "delete backend 2"],
+        [
+            "put service slot 2",
+            "put service slot 0",
+            "delete service slot 3",
+            "delete backend 2"
+        ],
         "slot rewritten, master shrunk, stale slot and orphan deleted last"
     );
 }
@@ -93,11 +103,18 @@ fn frontend_without_backends_keeps_a_master_with_count_zero() {
 fn removed_frontend_loses_master_slots_and_rev_nat() {
     let mut maps = FakeMaps::default();
     let mut w = Writer::adopt(&maps).unwrap();
-    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2]), (fe(11, 80), &[2])]))
-        .unwrap();
+    w.apply(
+        &mut maps,
+        &desired(&[(fe(10, 80), &[1, 2]), (fe(11, 80), &[2])]),
+    )
+    .unwrap();
     w.apply(&mut maps, &desired(&[(fe(11, 80), &[2])])).unwrap();
     assert_eq!(programmed(&maps, fe(10, 80)), None);
-    assert_eq!(maps.services.len(), 2, "master and one slot of the remaining frontend");
+    assert_eq!(
+        maps.services.len(),
+        2,
+        "master and one slot of the remaining frontend"
+    );
     assert_eq!(maps.rev_nat.len(), 1);
     assert_eq!(maps.backends.len(), 1);
 }
@@ -134,9 +151,16 @@ fn adoption_removes_leftovers_of_an_interrupted_apply() {
         .unwrap();
     // A slot past the master's count, as an agent killed between steps would leave it.
     let stray = fe(10, 80).key(7);
-    maps.services.insert(stray, ServiceValue { backend_id: 1, ..Default::default() });
+    maps.services.insert(
+        stray,
+        ServiceValue {
+            backend_id: 1,
+            ..Default::default()
+        },
+    );
     let mut w = Writer::adopt(&maps).unwrap();
-    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2])])).unwrap();
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2])]))
+        .unwrap();
     assert!(!maps.services.contains_key(&stray));
 }
 
@@ -145,7 +169,9 @@ fn random_update_sequences_keep_every_frontend_consistent() {
     // A small deterministic generator: the fake checks consistency after every operation.
     let mut seed: u64 = 0x5eed;
     let mut next = move |n: u64| {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (seed >> 33) % n
     };
     let mut maps = FakeMaps::default();
@@ -154,19 +180,45 @@ fn random_update_sequences_keep_every_frontend_consistent() {
         let mut entries = Vec::new();
         for f in 0..(next(6) as u8) {
             let count = next(8) as usize;
-            let bs: Vec<u8> = (0..count).map(|_| next(20) as u8 + 1).collect::<BTreeSet<_>>().into_iter().collect();
+            let bs: Vec<u8> = (0..count)
+                .map(|_| next(20) as u8 + 1)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
             entries.push((fe(f, 80), bs));
         }
         let d: Desired = entries
             .iter()
-            .map(|(f, bs)| (*f, DesiredFrontend { service_port: String::new(), backends: bs.iter().map(|b| be(*b)).collect(), flags: 0 }))
+            .map(|(f, bs)| {
+                (
+                    *f,
+                    DesiredFrontend {
+                        service_port: String::new(),
+                        backends: bs.iter().map(|b| be(*b)).collect(),
+                        flags: 0,
+                    },
+                )
+            })
             .collect();
-        w.apply(&mut maps, &d).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        w.apply(&mut maps, &d)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
         for (f, bs) in &entries {
             assert_eq!(programmed(&maps, *f).as_ref(), Some(bs), "round {round}");
         }
-        assert_eq!(maps.services.keys().filter(|k| k.slot == 0).count(), entries.len());
-        let referenced: BTreeSet<u32> = maps.services.values().filter(|v| v.backend_id != 0).map(|v| v.backend_id).collect();
-        assert_eq!(referenced.len(), maps.backends.len(), "round {round}: no orphan backends remain");
+        assert_eq!(
+            maps.services.keys().filter(|k| k.slot == 0).count(),
+            entries.len()
+        );
+        let referenced: BTreeSet<u32> = maps
+            .services
+            .values()
+            .filter(|v| v.backend_id != 0)
+            .map(|v| v.backend_id)
+            .collect();
+        assert_eq!(
+            referenced.len(),
+            maps.backends.len(),
+            "round {round}: no orphan backends remain"
+        );
     }
 }

@@ -1,0 +1,332 @@
+//! Packet fixtures for the tc program, run through BPF_PROG_TEST_RUN: input bytes in, verdict,
+//! output bytes and conntrack side effects out. Maps are filled by the agent's own writer, so
+//! these also check that userspace and kernel agree on the layout.
+use std::net::Ipv4Addr;
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TestRun, TestRunOptions},
+    Ebpf,
+};
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use lb_common::{conntrack::CT_DIR_FORWARD, conntrack::CT_DIR_REPLY, map_names, CtKey, CtValue};
+use lb_tests::BpfFs;
+use lb_userspace::{
+    dataplane::{bpf::BpfMaps, BackendAddr, Desired, DesiredFrontend, FrontendAddr, Writer},
+    loader,
+};
+
+const TC_ACT_OK: u32 = 0;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn backend(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 2, last)
+}
+
+struct Fixture {
+    ebpf: Ebpf,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    // Dropped last: unmounts the pins.
+    _bpffs: BpfFs,
+}
+
+impl Fixture {
+    /// Loads the real object with fresh maps and programs one frontend per entry.
+    fn new(tag: &str, frontends: &[(u16, u8, &[u8])]) -> Self {
+        lb_tests::require_root();
+        let bpffs = BpfFs::new(tag).expect("mount a bpffs for the fixture");
+        let mut ebpf = loader::load(&loader::LoadOptions {
+            bpffs: bpffs.path().to_path_buf(),
+            conntrack_size: 1024,
+        })
+        .expect("load the eBPF object");
+        let mut maps = BpfMaps::from_ebpf(&mut ebpf).expect("open maps");
+        let desired: Desired = frontends
+            .iter()
+            .map(|&(port, proto, backends)| {
+                (
+                    FrontendAddr {
+                        addr: VIP,
+                        port,
+                        proto,
+                    },
+                    DesiredFrontend {
+                        service_port: format!("test/svc:{port}"),
+                        backends: backends
+                            .iter()
+                            .map(|&b| BackendAddr {
+                                addr: backend(b),
+                                port: 8080,
+                                proto,
+                            })
+                            .collect(),
+                        flags: 0,
+                    },
+                )
+            })
+            .collect();
+        Writer::adopt(&maps)
+            .unwrap()
+            .apply(&mut maps, &desired)
+            .expect("program maps");
+        let ct =
+            MapData::from_pin(bpffs.path().join(map_names::CONNTRACK)).expect("open conntrack pin");
+        let conntrack = HashMap::try_from(Map::LruHashMap(ct)).expect("conntrack map");
+        Fixture {
+            ebpf,
+            conntrack,
+            _bpffs: bpffs,
+        }
+    }
+
+    /// Runs the tc program on one packet: (verdict, output bytes).
+    fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog = loader::tc_program(&mut self.ebpf).unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
+        let mut v: Vec<_> = self.conntrack.iter().map(|e| e.unwrap()).collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+}
+
+fn tcp_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    tcp(src, dst, true, false, b"")
+}
+
+fn tcp(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    syn: bool,
+    ack: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    if syn {
+        b = b.syn();
+    }
+    if ack {
+        b = b.ack(2000);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .udp(src.1, dst.1)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+/// Independent check of both checksums with a parser (not with our own arithmetic).
+fn assert_checksums_valid(pkt: &[u8]) {
+    let sliced = SlicedPacket::from_ethernet(pkt).expect("output parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4")
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    match &sliced.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            let want = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, tcp.payload())
+                .unwrap();
+            assert_eq!(tcp.checksum(), want, "TCP checksum");
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            let want = udp
+                .to_header()
+                .calc_checksum_ipv4(&header, udp.payload())
+                .unwrap();
+            assert_eq!(udp.checksum(), want, "UDP checksum");
+        }
+        other => panic!("unexpected transport {other:?}"),
+    }
+}
+
+#[test]
+fn syn_to_cluster_ip_is_dnated_to_the_backend_with_valid_checksums() {
+    let mut f = Fixture::new("fx-syn", &[(80, lb_common::proto::TCP, &[1])]);
+    let (verdict, out) = f.run(&tcp_syn((CLIENT, 40000), (VIP, 80)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp_syn((CLIENT, 40000), (backend(1), 8080)),
+        "byte-exact golden packet"
+    );
+    assert_checksums_valid(&out);
+}
+
+#[test]
+fn new_flow_creates_forward_and_reply_conntrack_entries() {
+    let mut f = Fixture::new("fx-ct", &[(80, lb_common::proto::TCP, &[1])]);
+    f.run(&tcp_syn((CLIENT, 40001), (VIP, 80)));
+    let entries = f.conntrack_entries();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let net = lb_common::ipv4_to_net;
+    let port = lb_common::port_to_net;
+    let fwd = entries
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .unwrap();
+    assert_eq!(
+        (
+            fwd.0.src_addr,
+            fwd.0.dst_addr,
+            fwd.0.src_port,
+            fwd.0.dst_port
+        ),
+        (net(CLIENT), net(VIP), port(40001), port(80))
+    );
+    assert_eq!(
+        (fwd.1.nat_addr, fwd.1.nat_port),
+        (net(backend(1)), port(8080))
+    );
+    let rep = entries.iter().find(|(k, _)| k.dir == CT_DIR_REPLY).unwrap();
+    assert_eq!(
+        (
+            rep.0.src_addr,
+            rep.0.dst_addr,
+            rep.0.src_port,
+            rep.0.dst_port
+        ),
+        (net(backend(1)), net(CLIENT), port(8080), port(40001))
+    );
+    assert_eq!((rep.1.nat_addr, rep.1.nat_port), (net(VIP), port(80)));
+    assert_eq!(fwd.1.backend_id, rep.1.backend_id);
+}
+
+#[test]
+fn reply_from_backend_gets_the_cluster_ip_back_as_source() {
+    let mut f = Fixture::new("fx-reply", &[(80, lb_common::proto::TCP, &[1])]);
+    f.run(&tcp_syn((CLIENT, 40002), (VIP, 80)));
+    let synack = tcp((backend(1), 8080), (CLIENT, 40002), true, true, b"");
+    let (verdict, out) = f.run(&synack);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, tcp((VIP, 80), (CLIENT, 40002), true, true, b""));
+    assert_checksums_valid(&out);
+}
+
+#[test]
+fn established_flow_stays_on_its_backend() {
+    let mut f = Fixture::new("fx-sticky", &[(80, lb_common::proto::TCP, &[1, 2, 3])]);
+    let (_, first) = f.run(&tcp_syn((CLIENT, 40003), (VIP, 80)));
+    let chosen = Ipv4Addr::from(<[u8; 4]>::try_from(&first[30..34]).unwrap());
+    for i in 0..20 {
+        let data = tcp(
+            (CLIENT, 40003),
+            (VIP, 80),
+            false,
+            true,
+            format!("segment {i}").as_bytes(),
+        );
+        let (_, out) = f.run(&data);
+        assert_eq!(
+            out,
+            tcp(
+                (CLIENT, 40003),
+                (chosen, 8080),
+                false,
+                true,
+                format!("segment {i}").as_bytes()
+            )
+        );
+        assert_checksums_valid(&out);
+    }
+    assert_eq!(f.conntrack_entries().len(), 2, "one flow, two entries");
+}
+
+#[test]
+fn new_flows_spread_over_all_backends() {
+    let mut f = Fixture::new("fx-spread", &[(80, lb_common::proto::TCP, &[1, 2, 3])]);
+    let mut seen = std::collections::BTreeMap::new();
+    for sport in 41000..41060 {
+        let (verdict, out) = f.run(&tcp_syn((CLIENT, sport), (VIP, 80)));
+        assert_eq!(verdict, TC_ACT_OK);
+        let dst = Ipv4Addr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap());
+        assert_eq!(
+            out,
+            tcp_syn((CLIENT, sport), (dst, 8080)),
+            "output is one of the golden packets"
+        );
+        *seen.entry(dst).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "every backend gets flows: {seen:?}");
+}
+
+#[test]
+fn udp_datagram_to_cluster_ip_is_dnated_and_reply_is_reverse_nated() {
+    let mut f = Fixture::new("fx-udp", &[(53, lb_common::proto::UDP, &[4])]);
+    let (verdict, out) = f.run(&udp((CLIENT, 5000), (VIP, 53), b"query"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, udp((CLIENT, 5000), (backend(4), 8080), b"query"));
+    assert_checksums_valid(&out);
+    let (verdict, out) = f.run(&udp((backend(4), 8080), (CLIENT, 5000), b"answer"));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, udp((VIP, 53), (CLIENT, 5000), b"answer"));
+    assert_checksums_valid(&out);
+}
+
+#[test]
+fn packet_to_a_non_service_address_passes_unmodified() {
+    let mut f = Fixture::new("fx-pass", &[(80, lb_common::proto::TCP, &[1])]);
+    for pkt in [
+        tcp_syn((CLIENT, 40004), (Ipv4Addr::new(198, 18, 9, 9), 80)),
+        tcp_syn((CLIENT, 40004), (VIP, 81)),
+        udp((CLIENT, 40004), (VIP, 80), b"wrong protocol"),
+    ] {
+        let (verdict, out) = f.run(&pkt);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, pkt);
+    }
+    assert!(
+        f.conntrack_entries().is_empty(),
+        "no state for traffic we do not balance"
+    );
+}
+
+#[test]
+fn truncated_packet_passes_unmodified() {
+    let mut f = Fixture::new("fx-trunc", &[(80, lb_common::proto::TCP, &[1])]);
+    let full = tcp_syn((CLIENT, 40005), (VIP, 80));
+    // Ethernet + IPv4 + only 10 of the 20 TCP header bytes: the checksum we would fix is missing.
+    let truncated = &full[..14 + 20 + 10];
+    let (verdict, out) = f.run(truncated);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, truncated);
+    assert!(f.conntrack_entries().is_empty());
+}
+
+#[test]
+fn frontend_without_backends_drops_new_flows() {
+    let mut f = Fixture::new("fx-empty", &[(80, lb_common::proto::TCP, &[])]);
+    let (verdict, _) = f.run(&tcp_syn((CLIENT, 40006), (VIP, 80)));
+    assert_eq!(verdict, 2, "TC_ACT_SHOT");
+    assert!(f.conntrack_entries().is_empty());
+}
