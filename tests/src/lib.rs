@@ -24,6 +24,7 @@
 
 mod backend;
 mod bpffs;
+pub mod cluster;
 mod netns;
 mod process;
 mod topology;

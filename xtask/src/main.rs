@@ -1,6 +1,7 @@
 //! Developer tasks for the workspace: `cargo xtask <command>` (aliased in .cargo/config.toml).
 mod cargo;
 mod cmd;
+mod demo;
 mod setup;
 mod steps;
 
@@ -44,8 +45,9 @@ enum Task {
     },
     /// Check formatting and run clippy (warnings denied) on the host crates and the eBPF crate
     Lint,
-    // `demo`, `run` and `bench` go here; they build on the lb-tests testbed and are not written
-    // yet.
+    /// Run setup and build, then load-balance requests to a ClusterIP in a throwaway testbed
+    /// (needs root)
+    Demo,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,15 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(&workspace),
         Task::Build { release } => build(&workspace, release),
         Task::Test { no_lint } => test(&workspace, no_lint),
+        Task::Demo => {
+            let mut steps = Steps::new("demo");
+            if steps.run("setup", || setup::setup(&workspace))
+                && steps.run("build", || cargo::build(&workspace, false))
+            {
+                steps.run("demo", || demo::demo(&workspace));
+            }
+            steps.finish()
+        }
         Task::Lint => {
             let mut steps = Steps::new("lint");
             lint(&mut steps, &workspace);
