@@ -99,9 +99,15 @@ fn run(args: Args) -> Result<()> {
     if let Some(cgroup) = &args.cgroup {
         warn!(cgroup = %cgroup.display(), "--cgroup given, but host-process socket hooks are not implemented yet: host processes are not load-balanced");
     }
-    if !args.nodeport_addresses.is_empty() {
-        warn!("--nodeport-addresses given, but NodePort is not implemented yet: only ClusterIP is served");
-    }
+    let nodeport_cidrs = args
+        .nodeport_addresses
+        .iter()
+        .map(|c| {
+            c.trim()
+                .parse::<ipnet::IpNet>()
+                .with_context(|| format!("--nodeport-addresses: {c:?} is not a CIDR"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let node_name = match args.node_name.clone() {
         Some(n) => n,
         None => hostname().context("--node-name not given and the host name cannot be read")?,
@@ -136,9 +142,18 @@ fn run(args: Args) -> Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
+    let node_addresses = local_addresses().context("listing this node's addresses")?;
+    info!(
+        ?node_addresses,
+        "node addresses (NodePort frontends and allowed LB sources)"
+    );
+    warn!("NodePort, LoadBalancer and externalIP frontends are computed but not served yet: only ClusterIP traffic from pods is load-balanced");
     let config = model::Config {
         node_name: node_name.clone(),
+        node_addresses,
+        nodeport_cidrs,
         service_proxy_name: args.service_proxy_name.clone(),
+        zone: None,
     };
     info!(node = %node_name, manifests = %manifests_dir.display(), "following manifests");
     let mut watcher = DirWatcher::new(&manifests_dir);
@@ -194,4 +209,52 @@ fn sync(dir: &std::path::Path, config: &model::Config, writer: &mut Writer, maps
 fn hostname() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
     Ok(name.trim().to_string())
+}
+
+/// Every address configured in this network namespace except loopback and IPv6 link-local:
+/// kube-proxy's default set of NodePort addresses.
+fn local_addresses() -> Result<Vec<std::net::IpAddr>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned and has not been freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr whose family says which struct it is.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            let addr = match family {
+                libc::AF_INET => {
+                    // SAFETY: AF_INET means the sockaddr is a sockaddr_in.
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))))
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: AF_INET6 means the sockaddr is a sockaddr_in6.
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                }
+                _ => None,
+            };
+            if let Some(a) = addr {
+                let link_local_v6 =
+                    matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+                if !a.is_loopback() && !link_local_v6 && !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out.sort();
+    Ok(out)
 }

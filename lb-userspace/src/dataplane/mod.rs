@@ -9,11 +9,14 @@ pub mod bpf;
 pub mod fake;
 mod writer;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
 
 use lb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
 
-use crate::model::Model;
+use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol};
 pub use writer::{ApplyStats, Writer};
 
 /// A frontend as the maps see it.
@@ -91,30 +94,47 @@ pub struct DesiredFrontend {
 /// The desired map contents, keyed by frontend.
 pub type Desired = BTreeMap<FrontendAddr, DesiredFrontend>;
 
-/// Translates the model into per-frontend backend lists.
+/// Translates the model into per-frontend backend lists for what the data path carries today:
+/// IPv4 ClusterIP frontends for TCP and UDP, with the backends a pod's new flow may use
+/// ([`crate::model::ServicePort::traffic`] from [`Origin::Pod`], so internalTrafficPolicy=Local is honoured).
+/// NodePort, LoadBalancer and externalIP frontends wait for the XDP path; IPv6 and SCTP for their
+/// own data path (the model already warned about SCTP).
 pub fn desired(model: &Model) -> Desired {
     let mut out = Desired::new();
     for sp in model.service_ports.values() {
+        if sp.family != IpFamily::V4 || sp.id.protocol == Protocol::Sctp {
+            continue;
+        }
         let proto = sp.id.protocol.number();
-        let backends: Vec<BackendAddr> = sp
-            .backends
+        for fe in sp
+            .frontends
             .iter()
-            .map(|&(addr, port)| BackendAddr { addr, port, proto })
-            .collect();
-        for fe in &sp.frontends {
-            let flags = match fe.kind {
-                crate::model::FrontendKind::ClusterIp => lb_common::service::SVC_FLAG_CLUSTER_IP,
-            };
+            .filter(|f| f.kind == FrontendKind::ClusterIp)
+        {
+            let IpAddr::V4(addr) = fe.addr else { continue };
+            let traffic = sp.traffic(fe, Origin::Pod);
+            let backends = traffic
+                .backends
+                .iter()
+                .filter_map(|b| match b {
+                    SocketAddr::V4(v4) => Some(BackendAddr {
+                        addr: *v4.ip(),
+                        port: v4.port(),
+                        proto,
+                    }),
+                    SocketAddr::V6(_) => None,
+                })
+                .collect();
             out.insert(
                 FrontendAddr {
-                    addr: fe.addr,
+                    addr,
                     port: fe.port,
                     proto,
                 },
                 DesiredFrontend {
                     service_port: sp.id.to_string(),
-                    backends: backends.clone(),
-                    flags,
+                    backends,
+                    flags: lb_common::service::SVC_FLAG_CLUSTER_IP,
                 },
             );
         }

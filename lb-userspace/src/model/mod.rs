@@ -1,28 +1,60 @@
-//! The service model: Services and EndpointSlices in, per ServicePort the frontends and backends
-//! kube-proxy would program out. Pure code: no kernel, no I/O.
+//! The service model: Services, EndpointSlices and this node in; per ServicePort and IP family the
+//! frontends, the backend sets and the flags kube-proxy would program out. Pure code: no kernel, no
+//! I/O, no clock. docs/SEMANTICS.md lists every behaviour with its status and its test.
 //!
-//! Implemented so far (see docs/SEMANTICS.md for the full list and its status): ClusterIP frontends
-//! over IPv4 for TCP and UDP; each (port, protocol) is its own ServicePort; slice ports matched to
-//! service ports by (name, protocol); the union of all slices labelled with the service name, one
-//! copy of each ip:port; unset conditions read as ready/serving/not terminating; ready endpoints,
-//! else serving-and-terminating ones; `service.kubernetes.io/service-proxy-name` filtering.
+//! The data path asks one question of it, [`ServicePort::traffic`]: for a packet arriving on this
+//! frontend from this kind of source, which backends may a new flow go to, is it masqueraded, and
+//! what happens when there are none.
+mod endpoints;
+mod service;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use ipnet::IpNet;
 
 use crate::sources::Objects;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API server caps a slice at 1000 endpoints; more is not a slice we were meant to see.
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -30,6 +62,16 @@ impl Protocol {
         match self {
             Protocol::Tcp => lb_common::proto::TCP,
             Protocol::Udp => lb_common::proto::UDP,
+            Protocol::Sctp => lb_common::proto::SCTP,
+        }
+    }
+
+    pub(crate) fn parse(s: Option<&str>) -> Option<Self> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
         }
     }
 }
@@ -39,6 +81,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
         })
     }
 }
@@ -65,42 +108,177 @@ impl fmt::Display for ServicePortId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FrontendKind {
     ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// NodePort, LoadBalancer and externalIP frontends take traffic from outside the cluster.
+    pub fn is_external(self) -> bool {
+        !matches!(self, FrontendKind::ClusterIp)
+    }
 }
 
 /// An address and port that traffic for a ServicePort arrives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub kind: FrontendKind,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
 }
 
 /// One endpoint of a ServicePort, after port resolution.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// On this node (its nodeName is ours; an endpoint without nodeName is never local).
+    pub local: bool,
+    /// Zones from `hints.forZones`.
+    pub zone_hints: BTreeSet<String>,
+    /// Nodes from `hints.forNodes`.
+    pub node_hints: BTreeSet<String>,
 }
 
+impl Endpoint {
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.addr, self.port)
+    }
+}
+
+/// Which topology filter the cluster set went through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// No filter: hints absent, incomplete, or not matching this node.
+    None,
+    /// `PreferSameNode`: endpoints hinted for this node.
+    SameNode,
+    /// Zone hints (`PreferClose` or topology-aware routing): endpoints hinted for this zone.
+    SameZone,
+}
+
+/// Where a packet comes from, as far as the choice of backends is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A pod on this node.
+    Pod,
+    /// A process in this node's host network namespace.
+    HostProcess,
+    /// Anything off this node (clients outside the cluster, other nodes).
+    External,
+}
+
+/// What happens to a new flow that finds no backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenEmpty {
+    /// The ServicePort has no usable endpoint anywhere: refuse (TCP RST / ICMP port unreachable).
+    Reject,
+    /// Endpoints exist, just none this traffic policy may use: drop silently, as kube-proxy does.
+    Drop,
+}
+
+/// The answer to "a new flow arrives on this frontend from there".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traffic<'a> {
+    pub backends: &'a [SocketAddr],
+    /// SNAT the flow to the node: external traffic under Cluster policy, and host processes.
+    pub masquerade: bool,
+    pub when_empty: WhenEmpty,
+}
+
+/// ClientIP session affinity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Affinity {
+    pub timeout_seconds: u32,
+}
+
+/// Everything the data path needs for one ServicePort in one IP family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
     pub id: ServicePortId,
+    pub family: IpFamily,
+    /// Sorted.
     pub frontends: Vec<Frontend>,
-    /// Every endpoint the slices list for this port, sorted.
+    /// Every endpoint the slices list for this port and family, sorted.
     pub endpoints: Vec<Endpoint>,
-    /// The endpoints new flows may go to, as kube-proxy picks them: the ready ones, or when none
-    /// is ready the serving-and-terminating ones. Empty means new flows are refused.
-    pub backends: Vec<(Ipv4Addr, u16)>,
+    /// Backends for traffic under Cluster policy (after topology). Sorted.
+    pub cluster_backends: Vec<SocketAddr>,
+    /// Backends for traffic under Local policy: local ready, else local serving-and-terminating.
+    pub local_backends: Vec<SocketAddr>,
+    /// Any ready or serving-and-terminating endpoint anywhere.
+    pub has_any_endpoints: bool,
+    pub topology: Topology,
+    /// externalTrafficPolicy=Local (always false without external frontends).
+    pub external_policy_local: bool,
+    /// internalTrafficPolicy=Local.
+    pub internal_policy_local: bool,
+    pub affinity: Option<Affinity>,
+    /// Sources allowed to reach LoadBalancer frontends; empty means everyone. Holds the Service's
+    /// loadBalancerSourceRanges of this family plus the node's own addresses.
+    pub lb_source_ranges: Vec<IpNet>,
+    /// healthCheckNodePort of an eTP=Local LoadBalancer Service, with the number of local ready
+    /// endpoints kube-proxy's health server reports.
+    pub health_check: Option<HealthCheck>,
 }
 
-/// Everything the data path needs, keyed by ServicePort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    pub local_endpoints: usize,
+}
+
+impl ServicePort {
+    /// Which backends a new flow on `frontend` from `origin` may use, whether it is masqueraded,
+    /// and what happens when there are none.
+    pub fn traffic(&self, frontend: &Frontend, origin: Origin) -> Traffic<'_> {
+        let when_empty = if self.has_any_endpoints {
+            WhenEmpty::Drop
+        } else {
+            WhenEmpty::Reject
+        };
+        if !frontend.kind.is_external() {
+            let backends = if self.internal_policy_local {
+                &self.local_backends
+            } else {
+                &self.cluster_backends
+            };
+            return Traffic {
+                backends,
+                masquerade: false,
+                when_empty,
+            };
+        }
+        match (self.external_policy_local, origin) {
+            // Local policy keeps the client address and never leaves the node.
+            (true, Origin::External) => Traffic {
+                backends: &self.local_backends,
+                masquerade: false,
+                when_empty,
+            },
+            // Pods on this node short-circuit to the cluster set; host processes too, masqueraded.
+            (true, Origin::Pod) => Traffic {
+                backends: &self.cluster_backends,
+                masquerade: false,
+                when_empty,
+            },
+            (true, Origin::HostProcess) | (false, _) => Traffic {
+                backends: &self.cluster_backends,
+                masquerade: true,
+                when_empty,
+            },
+        }
+    }
+}
+
+/// Everything the data path needs, keyed by family then ServicePort.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
-    pub service_ports: BTreeMap<ServicePortId, ServicePort>,
+    pub service_ports: BTreeMap<(IpFamily, ServicePortId), ServicePort>,
 }
 
 /// A problem in the input, naming the object and field. Only the bad part is skipped.
@@ -118,55 +296,7 @@ impl fmt::Display for Warning {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Config {
-    /// This node's name; decides which endpoints are local.
-    pub node_name: String,
-    /// When set, serve only objects whose `service.kubernetes.io/service-proxy-name` label names
-    /// us. When unset, serve only objects without that label (they belong to another proxy),
-    /// which is what kube-proxy does.
-    pub service_proxy_name: Option<String>,
-}
-
-/// Builds the model. Never fails: bad input becomes warnings.
-pub fn build(objects: &Objects, config: &Config) -> (Model, Vec<Warning>) {
-    let mut warnings = Vec::new();
-    let mut model = Model::default();
-    let slices = slices_by_service(&objects.endpoint_slices, config);
-    let mut seen = BTreeSet::new();
-    for svc in &objects.services {
-        let (ns, name) = names(&svc.metadata);
-        if !serves(svc.metadata.labels.as_ref(), config) {
-            continue;
-        }
-        let object = format!("Service {ns}/{name}");
-        if !seen.insert((ns.clone(), name.clone())) {
-            warnings.push(warn(
-                &object,
-                "metadata.name",
-                "duplicate Service; the first one is used",
-            ));
-            continue;
-        }
-        let svc_slices = slices
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
-        add_service(
-            svc,
-            &ns,
-            &name,
-            &object,
-            svc_slices,
-            &mut model,
-            &mut warnings,
-        );
-    }
-    warnings.sort();
-    (model, warnings)
-}
-
-fn warn(object: &str, field: &str, message: impl Into<String>) -> Warning {
+pub(crate) fn warn(object: &str, field: &str, message: impl Into<String>) -> Warning {
     Warning {
         object: object.to_string(),
         field: field.to_string(),
@@ -174,273 +304,134 @@ fn warn(object: &str, field: &str, message: impl Into<String>) -> Warning {
     }
 }
 
-fn names(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// This node's name; decides which endpoints are local.
+    pub node_name: String,
+    /// This node's addresses: NodePort frontends (filtered by `nodeport_cidrs`) and sources always
+    /// allowed through loadBalancerSourceRanges.
+    pub node_addresses: Vec<IpAddr>,
+    /// `--nodeport-addresses`; empty means every node address.
+    pub nodeport_cidrs: Vec<IpNet>,
+    /// When set, serve only objects whose `service.kubernetes.io/service-proxy-name` label names
+    /// us. When unset, serve only objects without that label (they belong to another proxy),
+    /// which is what kube-proxy does.
+    pub service_proxy_name: Option<String>,
+    /// This node's zone. When unset it is read from the Node object named `node_name` among the
+    /// inputs (label topology.kubernetes.io/zone), if there is one.
+    pub zone: Option<String>,
+}
+
+pub(crate) fn serves(labels: Option<&BTreeMap<String, String>>, config: &Config) -> bool {
+    let label = labels.and_then(|l| l.get(PROXY_NAME_LABEL));
+    match (&config.service_proxy_name, label) {
+        (None, None) => true,
+        (Some(ours), Some(theirs)) => ours == theirs,
+        _ => false,
+    }
+}
+
+pub(crate) fn names(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
     (
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         meta.name.clone().unwrap_or_default(),
     )
 }
 
-fn serves(labels: Option<&BTreeMap<String, String>>, config: &Config) -> bool {
-    let label = labels.and_then(|l| l.get(PROXY_NAME_LABEL));
-    match (&config.service_proxy_name, label) {
-        (None, None) => true,
-        (None, Some(_)) => false,
-        (Some(ours), Some(theirs)) => ours == theirs,
-        (Some(_), None) => false,
-    }
-}
-
-fn slices_by_service<'a>(
-    slices: &'a [EndpointSlice],
-    config: &Config,
-) -> BTreeMap<(String, String), Vec<&'a EndpointSlice>> {
-    let mut by_service: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    for slice in slices {
-        if !serves(slice.metadata.labels.as_ref(), config) {
-            continue;
-        }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            // kube-proxy ignores slices it cannot tie to a Service.
-            continue;
-        };
-        let (ns, _) = names(&slice.metadata);
-        by_service
-            .entry((ns, service.clone()))
-            .or_default()
-            .push(slice);
-    }
-    by_service
-}
-
-fn add_service(
-    svc: &Service,
-    ns: &str,
-    name: &str,
-    object: &str,
-    slices: &[&EndpointSlice],
-    model: &mut Model,
-    warnings: &mut Vec<Warning>,
-) {
-    let Some(spec) = &svc.spec else {
-        warnings.push(warn(object, "spec", "missing; Service skipped"));
-        return;
-    };
-    match spec.type_.as_deref() {
-        None | Some("ClusterIP") => {}
-        Some("ExternalName") => return,
-        Some(other) => {
-            // NodePort and LoadBalancer also get their ClusterIP; the external frontends come
-            // with the external-traffic work.
-            if !matches!(other, "NodePort" | "LoadBalancer") {
-                warnings.push(warn(
-                    object,
-                    "spec.type",
-                    format!("unknown type {other:?}; Service skipped"),
-                ));
-                return;
-            }
-        }
-    }
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        None | Some("") => {
-            warnings.push(warn(object, "spec.clusterIP", "missing; Service skipped"));
-            return;
-        }
-        // Headless services have no frontend to balance.
-        Some("None") => return,
-        Some(ip) => match ip.trim().parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => v4,
-            Ok(std::net::IpAddr::V6(_)) => {
-                warnings.push(warn(
-                    object,
-                    "spec.clusterIP",
-                    format!(
-                        "{ip} is IPv6, which the data path does not carry yet; Service skipped"
-                    ),
-                ));
-                return;
-            }
-            Err(_) => {
-                warnings.push(warn(
-                    object,
-                    "spec.clusterIP",
-                    format!("{ip:?} is not an IP address; Service skipped"),
-                ));
-                return;
-            }
-        },
-    };
-    for (i, port) in spec.ports.iter().flatten().enumerate() {
-        let field = format!("spec.ports[{i}]");
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            "SCTP" => {
-                warnings.push(warn(
-                    object,
-                    &format!("{field}.protocol"),
-                    "SCTP is not carried by the data path yet; port skipped",
-                ));
-                continue;
-            }
-            other => {
-                warnings.push(warn(
-                    object,
-                    &format!("{field}.protocol"),
-                    format!("unknown protocol {other:?}; port skipped"),
-                ));
-                continue;
-            }
-        };
-        let Ok(svc_port) =
-            u16::try_from(port.port)
-                .map_err(drop)
-                .and_then(|p| if p == 0 { Err(()) } else { Ok(p) })
-        else {
-            warnings.push(warn(
-                object,
-                &format!("{field}.port"),
-                format!("{} is outside 1..65535; port skipped", port.port),
-            ));
-            continue;
-        };
-        let port_name = port.name.clone().unwrap_or_default();
-        let id = ServicePortId {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            port_name: port_name.clone(),
-            protocol,
-        };
-        let endpoints = endpoints_for(slices, &port_name, protocol, warnings);
-        let backends = choose_backends(&endpoints);
-        model.service_ports.insert(
-            id.clone(),
-            ServicePort {
-                id,
-                frontends: vec![Frontend {
-                    kind: FrontendKind::ClusterIp,
-                    addr: cluster_ip,
-                    port: svc_port,
-                }],
-                endpoints,
-                backends,
-            },
-        );
-    }
-}
-
-/// The endpoints of one ServicePort across all its slices; one copy of each ip:port.
-fn endpoints_for(
-    slices: &[&EndpointSlice],
-    port_name: &str,
-    protocol: Protocol,
-    warnings: &mut Vec<Warning>,
-) -> Vec<Endpoint> {
-    let mut out: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
-    for slice in slices {
-        let (ns, name) = names(&slice.metadata);
-        let object = format!("EndpointSlice {ns}/{name}");
-        if slice.address_type != "IPv4" {
-            // IPv6 slices are for the IPv6 twin of the data path, not an error.
-            continue;
-        }
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or_default() == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
-        }) else {
-            continue;
-        };
-        let Some(port) = port
-            .port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-        else {
-            warnings.push(warn(
-                &object,
-                "ports[].port",
-                format!("port {port_name:?} has no number in 1..65535; slice skipped for it"),
-            ));
-            continue;
-        };
-        for (i, ep) in slice.endpoints.iter().enumerate() {
-            // kube-proxy uses only the first address of an endpoint.
-            let Some(first) = ep.addresses.first() else {
-                warnings.push(warn(
-                    &object,
-                    &format!("endpoints[{i}].addresses"),
-                    "empty; endpoint skipped",
-                ));
-                continue;
-            };
-            let Ok(addr) = first.trim().parse::<Ipv4Addr>() else {
-                warnings.push(warn(
-                    &object,
-                    &format!("endpoints[{i}].addresses[0]"),
-                    format!("{first:?} is not an IPv4 address; endpoint skipped"),
-                ));
-                continue;
-            };
-            let cond = ep.conditions.as_ref();
-            let endpoint = Endpoint {
-                addr,
-                port,
-                ready: cond.and_then(|c| c.ready).unwrap_or(true),
-                serving: cond.and_then(|c| c.serving).unwrap_or(true),
-                terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-                node_name: ep.node_name.clone(),
-            };
-            out.entry((addr, port)).or_insert(endpoint);
-        }
-    }
-    out.into_values().collect()
-}
-
-fn choose_backends(endpoints: &[Endpoint]) -> Vec<(Ipv4Addr, u16)> {
-    let ready: Vec<_> = endpoints
-        .iter()
-        .filter(|e| e.ready)
-        .map(|e| (e.addr, e.port))
-        .collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    endpoints
-        .iter()
-        .filter(|e| e.serving && e.terminating)
-        .map(|e| (e.addr, e.port))
-        .collect()
+/// Builds the model. Never fails and never panics: bad input becomes warnings. The output does
+/// not depend on the order of the inputs.
+pub fn build(objects: &Objects, config: &Config) -> (Model, Vec<Warning>) {
+    let mut warnings = Vec::new();
+    let zone = config.zone.clone().or_else(|| {
+        objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(config.node_name.as_str()))
+            .and_then(|n| n.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+    });
+    let slices = endpoints::slices_by_service(&objects.endpoint_slices, config);
+    let mut model = Model::default();
+    service::add_services(
+        objects,
+        config,
+        zone.as_deref(),
+        &slices,
+        &mut model,
+        &mut warnings,
+    );
+    warnings.sort();
+    warnings.dedup();
+    (model, warnings)
 }
 
 impl fmt::Display for Model {
     /// The canonical dump: sorted, one ServicePort per block, stable across runs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for sp in self.service_ports.values() {
-            writeln!(f, "{}", sp.id)?;
-            for fe in &sp.frontends {
-                writeln!(f, "  frontend {:?} {}:{}", fe.kind, fe.addr, fe.port)?;
+            write!(f, "{} {}", sp.id, sp.family)?;
+            if sp.external_policy_local {
+                write!(f, " externalTrafficPolicy=Local")?;
             }
-            for ep in &sp.endpoints {
-                let chosen = sp.backends.contains(&(ep.addr, ep.port));
+            if sp.internal_policy_local {
+                write!(f, " internalTrafficPolicy=Local")?;
+            }
+            if let Some(a) = sp.affinity {
+                write!(f, " affinity=ClientIP/{}s", a.timeout_seconds)?;
+            }
+            match sp.topology {
+                Topology::None => {}
+                Topology::SameNode => write!(f, " topology=PreferSameNode")?,
+                Topology::SameZone => write!(f, " topology=zone")?,
+            }
+            writeln!(f)?;
+            for fe in &sp.frontends {
                 writeln!(
                     f,
-                    "  endpoint {}:{} ready={} serving={} terminating={} node={} {}",
-                    ep.addr,
-                    ep.port,
+                    "  frontend {:?} {}",
+                    fe.kind,
+                    SocketAddr::new(fe.addr, fe.port)
+                )?;
+            }
+            if !sp.lb_source_ranges.is_empty() {
+                let ranges: Vec<String> =
+                    sp.lb_source_ranges.iter().map(|r| r.to_string()).collect();
+                writeln!(f, "  lb source ranges {}", ranges.join(","))?;
+            }
+            if let Some(hc) = sp.health_check {
+                writeln!(
+                    f,
+                    "  health check node port {} local endpoints {}",
+                    hc.node_port, hc.local_endpoints
+                )?;
+            }
+            for ep in &sp.endpoints {
+                let sa = ep.socket_addr();
+                let mut uses = Vec::new();
+                if sp.cluster_backends.contains(&sa) {
+                    uses.push("cluster");
+                }
+                if sp.local_backends.contains(&sa) {
+                    uses.push("local");
+                }
+                writeln!(
+                    f,
+                    "  endpoint {sa} ready={} serving={} terminating={} node={}{} uses={}",
                     ep.ready,
                     ep.serving,
                     ep.terminating,
                     ep.node_name.as_deref().unwrap_or("-"),
-                    if chosen { "backend" } else { "unused" }
+                    if ep.local { " (local)" } else { "" },
+                    if uses.is_empty() {
+                        "-".to_string()
+                    } else {
+                        uses.join(",")
+                    },
                 )?;
             }
-            if sp.backends.is_empty() {
-                writeln!(f, "  no backends: new flows are refused")?;
+            if !sp.has_any_endpoints {
+                writeln!(f, "  no endpoints: new flows are rejected")?;
             }
         }
         Ok(())

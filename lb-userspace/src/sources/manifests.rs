@@ -11,7 +11,10 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::Deserialize;
 
 use super::Objects;
@@ -126,6 +129,17 @@ fn add_object(value: serde_yaml::Value, objects: &mut Objects, warn: &mut impl F
             .to_string()
     };
     let kind = str_field(&value, "kind");
+    // namespace/name for messages about an object that does not parse.
+    let meta = value.get("metadata");
+    let name = format!(
+        "{}/{}",
+        meta.and_then(|m| m.get("namespace"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("default"),
+        meta.and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("<no name>")
+    );
     let api_version = str_field(&value, "apiVersion");
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => match value.get("items").and_then(|i| i.as_sequence()) {
@@ -138,14 +152,20 @@ fn add_object(value: serde_yaml::Value, objects: &mut Objects, warn: &mut impl F
         },
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
             Ok(svc) => objects.services.push(svc),
-            Err(e) => warn(format!("Service does not parse: {e}")),
+            Err(e) => warn(format!("Service {name} does not parse and is skipped: {e}")),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
                 Ok(slice) => objects.endpoint_slices.push(slice),
-                Err(e) => warn(format!("EndpointSlice does not parse: {e}")),
+                Err(e) => warn(format!(
+                    "EndpointSlice {name} does not parse and is skipped: {e}"
+                )),
             }
         }
+        ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
+            Ok(node) => objects.nodes.push(node),
+            Err(e) => warn(format!("Node {name} does not parse and is skipped: {e}")),
+        },
         // Other kinds (Deployments, Pods, ...) often share files with Services: not ours to read.
         _ => {}
     }
@@ -222,7 +242,9 @@ items:
         assert_eq!(objects.services[0].metadata.name.as_deref(), Some("b"));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert_eq!(warnings[0].document, 1);
-        assert!(warnings[0].message.contains("Service does not parse"));
+        assert!(warnings[0]
+            .message
+            .contains("Service default/a does not parse"));
         assert_eq!(warnings[1].document, 3);
         assert!(warnings[1].message.contains("invalid YAML"));
     }
