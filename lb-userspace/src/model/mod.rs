@@ -275,6 +275,13 @@ impl ServicePort {
     }
 }
 
+/// Hairpin: an endpoint that reaches its own Service and is given itself as backend must be
+/// SNATed to the node, or it would answer itself directly and drop its own reply as a stranger's.
+/// Applies on every frontend and under every policy.
+pub fn needs_hairpin_masquerade(client: IpAddr, backend: SocketAddr) -> bool {
+    client == backend.ip()
+}
+
 /// Everything the data path needs, keyed by family then ServicePort.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {

@@ -588,6 +588,12 @@ fn itp_local_without_local_endpoint_drops() {
     assert_eq!(t.when_empty, WhenEmpty::Drop);
 }
 
+#[test]
+fn hairpin_flow_from_an_endpoint_to_itself_is_masqueraded() {
+    assert!(needs_hairpin_masquerade("198.18.1.1".parse().unwrap(), sa("198.18.1.1:8080")));
+    assert!(!needs_hairpin_masquerade("198.18.1.2".parse().unwrap(), sa("198.18.1.1:8080")));
+}
+
 // ---- NodePort addresses ---------------------------------------------------------------------
 
 #[test]
