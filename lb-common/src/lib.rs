@@ -13,14 +13,18 @@
 //!  backends   HASH     u32 backend id -> BackendValue{addr,port,proto,flags}
 //!  rev_nat    HASH     u16 rev_nat_id -> RevNatValue{addr,port} (the frontend replies come from)
 //!  conntrack  LRU_HASH CtKey{5-tuple as seen on the wire, direction} -> CtValue
+//!  fe_stats   PERCPU_HASH u32 rev_nat_id -> TrafficCounters
+//!  be_stats   PERCPU_HASH u32 backend id -> TrafficCounters
 //! ```
 #![no_std]
 
 pub mod conntrack;
 pub mod service;
+pub mod stats;
 
 pub use conntrack::{CtKey, CtValue};
 pub use service::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+pub use stats::TrafficCounters;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape; the agent refuses to
 /// adopt pinned maps written with another version.
@@ -32,6 +36,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const REV_NAT: &str = "LB_REV_NAT";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
+    pub const FRONTEND_STATS: &str = "LB_FE_STATS";
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
 }
 
 /// Default map capacities. The conntrack size can be changed by the agent before load.
@@ -42,7 +48,15 @@ pub mod map_sizes {
     pub const REV_NAT: u32 = 65_536;
     /// Two entries per flow (forward and reply).
     pub const CONNTRACK: u32 = 262_144;
+    /// One per frontend (rev_nat ids are u16).
+    pub const FRONTEND_STATS: u32 = 65_536;
+    /// One per backend.
+    pub const BACKEND_STATS: u32 = BACKENDS;
 }
+
+/// `BPF_F_NO_PREALLOC`: the stats maps allocate an entry only when userspace creates it, so
+/// their memory follows the number of frontends and backends, not the capacity times CPUs.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Program names in the kernel object.
 pub mod program_names {

@@ -2,14 +2,14 @@
 //! It decides and records state; the hook applies the rewrite.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY},
+    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
     service::SCOPE_CLUSTER,
-    CtKey, CtValue, ServiceKey,
+    CtKey, CtValue, ServiceKey, TrafficCounters,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, SERVICES},
-    packet::Flow,
+    maps::{BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
+    packet::{Flow, TCP_FIN, TCP_RST},
 };
 
 /// What the hook must do with a packet.
@@ -40,27 +40,84 @@ fn ct_key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
+/// Refreshes the entry's timestamp and marks it closing on a TCP FIN or RST.
 #[inline(always)]
-fn refresh(entry: *mut CtValue, now: u64) {
+fn refresh(entry: *mut CtValue, now: u64, flow: &Flow) {
     // SAFETY: `entry` comes from a successful map lookup and points into the map value, which
-    // stays valid for the rest of this program run; the write is a plain aligned u64 store.
+    // stays valid for the rest of this program run; the writes are plain aligned stores.
     unsafe {
         if now.wrapping_sub((*entry).last_seen_ns) > CT_REFRESH_NS {
             (*entry).last_seen_ns = now;
         }
+        if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && (*entry).flags & CT_FLAG_CLOSING == 0 {
+            (*entry).flags |= CT_FLAG_CLOSING;
+        }
     }
 }
 
+/// Which way a counted packet went.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to backend.
+    In,
+    /// Backend to client.
+    Out,
+}
+
 #[inline(always)]
-pub fn process(flow: &Flow) -> Verdict {
+fn add(counters: Option<*mut TrafficCounters>, len: u64, dir: Direction, new_flow: bool) {
+    let Some(c) = counters else { return };
+    // SAFETY: the pointer comes from a successful lookup in a per-CPU map: it is this CPU's copy,
+    // which nothing else writes while this program runs on this CPU.
+    unsafe {
+        match dir {
+            Direction::In => {
+                (*c).packets_in += 1;
+                (*c).bytes_in += len;
+            }
+            Direction::Out => {
+                (*c).packets_out += 1;
+                (*c).bytes_out += len;
+            }
+        }
+        if new_flow {
+            (*c).new_flows += 1;
+        }
+    }
+}
+
+/// Counts a packet for its frontend and its backend. Entries are created by userspace with the
+/// ids; a missing one (an id being freed right now) is simply not counted.
+#[inline(always)]
+fn count(rev_nat_id: u16, backend_id: u32, len: u64, dir: Direction, new_flow: bool) {
+    add(
+        FRONTEND_STATS.get_ptr_mut(rev_nat_id as u32),
+        len,
+        dir,
+        new_flow,
+    );
+    add(BACKEND_STATS.get_ptr_mut(backend_id), len, dir, new_flow);
+}
+
+/// Decides what to do with one packet of `len` bytes and records the flow state and counters.
+#[inline(always)]
+pub fn process(flow: &Flow, len: u64) -> Verdict {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
     // 1. A reply from a backend of a flow we translated.
     if let Some(entry) = CONNTRACK.get_ptr_mut(ct_key(flow, CT_DIR_REPLY)) {
-        refresh(entry, now);
+        refresh(entry, now, flow);
         // SAFETY: see `refresh`.
-        let (addr, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+        let (addr, port, rev_nat_id, backend_id) = unsafe {
+            (
+                (*entry).nat_addr,
+                (*entry).nat_port,
+                (*entry).rev_nat_id,
+                (*entry).backend_id,
+            )
+        };
+        count(rev_nat_id, backend_id, len, Direction::Out, false);
         return Verdict::RevNat { addr, port };
     }
 
@@ -69,12 +126,19 @@ pub fn process(flow: &Flow) -> Verdict {
     let fwd_key = ct_key(flow, CT_DIR_FORWARD);
     if let Some(entry) = CONNTRACK.get_ptr_mut(fwd_key) {
         // SAFETY: see `refresh`.
-        let (backend_id, addr, port) =
-            unsafe { ((*entry).backend_id, (*entry).nat_addr, (*entry).nat_port) };
+        let (backend_id, addr, port, rev_nat_id) = unsafe {
+            (
+                (*entry).backend_id,
+                (*entry).nat_addr,
+                (*entry).nat_port,
+                (*entry).rev_nat_id,
+            )
+        };
         // SAFETY: the value is only read, and copied out before any map update.
         if let Some(backend) = unsafe { BACKENDS.get(backend_id) } {
             if backend.addr == addr && backend.port == port {
-                refresh(entry, now);
+                refresh(entry, now, flow);
+                count(rev_nat_id, backend_id, len, Direction::In, false);
                 return Verdict::Dnat { addr, port };
             }
         }
@@ -138,6 +202,7 @@ pub fn process(flow: &Flow) -> Verdict {
     // packet tries again.
     let _ = CONNTRACK.insert(reply_key, reply, 0);
     let _ = CONNTRACK.insert(fwd_key, forward, 0);
+    count(master.rev_nat_id, backend_id, len, Direction::In, true);
     Verdict::Dnat {
         addr: backend.addr,
         port: backend.port,

@@ -2,9 +2,12 @@
 //! them under the agent's `--bpffs` directory. Layouts and names come from lb-common.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
-use lb_common::{map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue};
+use lb_common::{
+    map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
+    TrafficCounters, BPF_F_NO_PREALLOC,
+};
 
 #[map(name = "LB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(map_sizes::SERVICES, 0);
@@ -17,3 +20,11 @@ pub static REV_NAT: HashMap<u16, RevNatValue> = HashMap::pinned(map_sizes::REV_N
 
 #[map(name = "LB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CONNTRACK, 0);
+
+#[map(name = "LB_FE_STATS")]
+pub static FRONTEND_STATS: PerCpuHashMap<u32, TrafficCounters> =
+    PerCpuHashMap::pinned(map_sizes::FRONTEND_STATS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_BE_STATS")]
+pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficCounters> =
+    PerCpuHashMap::pinned(map_sizes::BACKEND_STATS, BPF_F_NO_PREALLOC);

@@ -28,7 +28,12 @@ pub struct Flow {
     pub l4_csum_off: usize,
     /// The L4 checksum as found; a UDP checksum of zero means "none" and must stay zero.
     pub l4_csum: u16,
+    /// TCP flags byte (FIN = 0x01, SYN = 0x02, RST = 0x04, ...); 0 for UDP.
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
 
 /// Reads packet bytes at an offset, failing when the packet is too short. Implemented per hook
 /// (tc reads through `bpf_skb_load_bytes`, which also handles non-linear buffers).
@@ -69,6 +74,11 @@ pub fn parse<P: PacketRead>(pkt: &P) -> Option<Flow> {
     let dst_port: u16 = pkt.read(l4_off + 2)?;
     // Reading the checksum also proves the header we may rewrite is all there.
     let l4_csum: u16 = pkt.read(l4_csum_off)?;
+    let tcp_flags: u8 = if proto == lb_common::proto::TCP {
+        pkt.read(l4_off + 13)?
+    } else {
+        0
+    };
     Some(Flow {
         src_addr,
         dst_addr,
@@ -78,5 +88,6 @@ pub fn parse<P: PacketRead>(pkt: &P) -> Option<Flow> {
         l4_off,
         l4_csum_off,
         l4_csum,
+        tcp_flags,
     })
 }

@@ -33,7 +33,7 @@ fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
     let Some(flow) = packet::parse(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    match lb::process(&flow) {
+    match lb::process(&flow, ctx.len() as u64) {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop => Ok(TC_ACT_SHOT),
         Verdict::Dnat { addr, port } => {

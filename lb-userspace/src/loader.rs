@@ -14,6 +14,7 @@ use aya::{
 };
 use lb_common::{
     map_names, program_names, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
+    TrafficCounters,
 };
 
 /// The kernel object built by build.rs (lb-ebpf, binary `lb`).
@@ -125,7 +126,7 @@ fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-const PINNED_MAPS: [(&str, usize, usize); 4] = [
+const PINNED_MAPS: [(&str, usize, usize); 6] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -145,6 +146,16 @@ const PINNED_MAPS: [(&str, usize, usize); 4] = [
         map_names::CONNTRACK,
         size_of::<CtKey>(),
         size_of::<CtValue>(),
+    ),
+    (
+        map_names::FRONTEND_STATS,
+        size_of::<u32>(),
+        size_of::<TrafficCounters>(),
+    ),
+    (
+        map_names::BACKEND_STATS,
+        size_of::<u32>(),
+        size_of::<TrafficCounters>(),
     ),
 ];
 

@@ -330,3 +330,49 @@ fn frontend_without_backends_drops_new_flows() {
     assert_eq!(verdict, 2, "TC_ACT_SHOT");
     assert!(f.conntrack_entries().is_empty());
 }
+
+#[test]
+fn counters_record_packets_bytes_and_new_flows_per_frontend_and_backend() {
+    use aya::maps::PerCpuHashMap;
+    use lb_common::TrafficCounters;
+
+    let mut f = Fixture::new("fx-stats", &[(80, lb_common::proto::TCP, &[1])]);
+    let syn = tcp_syn((CLIENT, 40007), (VIP, 80));
+    let data = tcp((CLIENT, 40007), (VIP, 80), false, true, b"hello");
+    let reply = tcp((backend(1), 8080), (CLIENT, 40007), false, true, b"world!");
+    f.run(&syn);
+    f.run(&data);
+    f.run(&data);
+    f.run(&reply);
+    // A packet of another flow to a non-service address counts nowhere.
+    f.run(&tcp_syn(
+        (CLIENT, 40008),
+        (Ipv4Addr::new(198, 18, 9, 9), 80),
+    ));
+
+    let read = |name: &str| -> Vec<TrafficCounters> {
+        let data = MapData::from_pin(f._bpffs.path().join(name)).unwrap();
+        let map: PerCpuHashMap<_, u32, TrafficCounters> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+        map.iter()
+            .map(|e| TrafficCounters::sum(e.unwrap().1.iter()))
+            .collect()
+    };
+    let expected = TrafficCounters {
+        packets_in: 3,
+        bytes_in: (syn.len() + 2 * data.len()) as u64,
+        packets_out: 1,
+        bytes_out: reply.len() as u64,
+        new_flows: 1,
+    };
+    assert_eq!(
+        read(map_names::FRONTEND_STATS),
+        vec![expected],
+        "one frontend"
+    );
+    assert_eq!(
+        read(map_names::BACKEND_STATS),
+        vec![expected],
+        "one backend"
+    );
+}

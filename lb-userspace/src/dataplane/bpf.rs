@@ -1,10 +1,10 @@
 //! The real dataplane: the pinned BPF maps.
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
+use lb_common::{map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, TrafficCounters};
 
-use super::{Dataplane, Error, Result};
+use super::{Dataplane, Error, Result, StatsOf};
 
 /// Handles on the service maps. Built from a loaded object (the agent) or from the pins in a
 /// bpffs directory (lbctl, tests), so both read the very same maps.
@@ -12,6 +12,18 @@ pub struct BpfMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub backends: HashMap<MapData, u32, BackendValue>,
     pub rev_nat: HashMap<MapData, u16, RevNatValue>,
+    pub frontend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    pub backend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    /// Possible CPUs: a per-CPU value has one slot each.
+    nr_cpus: usize,
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(_, e)| Error::Map {
+        op: "count possible CPUs",
+        map: map_names::FRONTEND_STATS,
+        source: aya::maps::MapError::IoError(e),
+    })
 }
 
 fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -28,10 +40,20 @@ impl BpfMaps {
             let data = MapData::from_pin(dir.join(name)).map_err(map_err("open pin", name))?;
             HashMap::try_from(Map::HashMap(data)).map_err(map_err("open", name))
         }
+        fn open_per_cpu(
+            dir: &Path,
+            name: &'static str,
+        ) -> Result<PerCpuHashMap<MapData, u32, TrafficCounters>> {
+            let data = MapData::from_pin(dir.join(name)).map_err(map_err("open pin", name))?;
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(map_err("open", name))
+        }
         Ok(Self {
             services: open(dir, map_names::SERVICES)?,
             backends: open(dir, map_names::BACKENDS)?,
             rev_nat: open(dir, map_names::REV_NAT)?,
+            frontend_stats: open_per_cpu(dir, map_names::FRONTEND_STATS)?,
+            backend_stats: open_per_cpu(dir, map_names::BACKEND_STATS)?,
+            nr_cpus: nr_cpus()?,
         })
     }
 
@@ -47,10 +69,23 @@ impl BpfMaps {
                 .map_err(map_err("take", name))?;
             HashMap::try_from(map).map_err(map_err("open", name))
         }
+        fn take_per_cpu(
+            ebpf: &mut aya::Ebpf,
+            name: &'static str,
+        ) -> Result<PerCpuHashMap<MapData, u32, TrafficCounters>> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or(aya::maps::MapError::InvalidName { name: name.into() })
+                .map_err(map_err("take", name))?;
+            PerCpuHashMap::try_from(map).map_err(map_err("open", name))
+        }
         Ok(Self {
             services: take(ebpf, map_names::SERVICES)?,
             backends: take(ebpf, map_names::BACKENDS)?,
             rev_nat: take(ebpf, map_names::REV_NAT)?,
+            frontend_stats: take_per_cpu(ebpf, map_names::FRONTEND_STATS)?,
+            backend_stats: take_per_cpu(ebpf, map_names::BACKEND_STATS)?,
+            nr_cpus: nr_cpus()?,
         })
     }
 }
@@ -104,6 +139,33 @@ impl Dataplane for BpfMaps {
         self.rev_nat
             .insert(id, value, 0)
             .map_err(map_err("insert", map_names::REV_NAT))
+    }
+    fn reset_stats(&mut self, of: StatsOf) -> Result<()> {
+        let zero = PerCpuValues::try_from(vec![TrafficCounters::default(); self.nr_cpus]).map_err(
+            |e| Error::Map {
+                op: "build per-CPU value",
+                map: map_names::FRONTEND_STATS,
+                source: aya::maps::MapError::IoError(e),
+            },
+        )?;
+        match of {
+            StatsOf::Frontend(id) => self
+                .frontend_stats
+                .insert(id as u32, zero, 0)
+                .map_err(map_err("insert", map_names::FRONTEND_STATS)),
+            StatsOf::Backend(id) => self
+                .backend_stats
+                .insert(id, zero, 0)
+                .map_err(map_err("insert", map_names::BACKEND_STATS)),
+        }
+    }
+    fn delete_stats(&mut self, of: StatsOf) -> Result<()> {
+        match of {
+            StatsOf::Frontend(id) => tolerate_missing(self.frontend_stats.remove(&(id as u32)))
+                .map_err(map_err("delete", map_names::FRONTEND_STATS)),
+            StatsOf::Backend(id) => tolerate_missing(self.backend_stats.remove(&id))
+                .map_err(map_err("delete", map_names::BACKEND_STATS)),
+        }
     }
     fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
         tolerate_missing(self.rev_nat.remove(&id)).map_err(map_err("delete", map_names::REV_NAT))

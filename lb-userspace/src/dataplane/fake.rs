@@ -5,13 +5,15 @@ use std::collections::BTreeMap;
 
 use lb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
 
-use super::{Dataplane, Error, Result};
+use super::{Dataplane, Error, Result, StatsOf};
 
 #[derive(Debug, Default, Clone)]
 pub struct FakeMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u16, RevNatValue>,
+    /// Whose zeroed counters exist.
+    pub stats: std::collections::BTreeSet<StatsOf>,
     /// Every operation, in order, for tests that look at the sequence.
     pub log: Vec<String>,
 }
@@ -31,6 +33,12 @@ impl FakeMaps {
                 let Some(v) = self.services.get(&slot_key) else {
                     return Err(Error::Fake(format!("{key:?}: slot {slot} missing")));
                 };
+                if !self.stats.contains(&StatsOf::Backend(v.backend_id)) {
+                    return Err(Error::Fake(format!(
+                        "{key:?}: counters of backend {} missing",
+                        v.backend_id
+                    )));
+                }
                 if !self.backends.contains_key(&v.backend_id) {
                     return Err(Error::Fake(format!(
                         "{key:?}: slot {slot} names missing backend {}",
@@ -81,5 +89,14 @@ impl Dataplane for FakeMaps {
     fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
         self.rev_nat.remove(&id);
         self.after(format!("delete rev_nat {id}"))
+    }
+    fn reset_stats(&mut self, of: StatsOf) -> Result<()> {
+        self.stats.insert(of);
+        // Not logged: the writer tests read the log as the sequence of service-map changes.
+        self.check_consistent()
+    }
+    fn delete_stats(&mut self, of: StatsOf) -> Result<()> {
+        self.stats.remove(&of);
+        self.check_consistent()
     }
 }

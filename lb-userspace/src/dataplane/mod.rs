@@ -169,4 +169,14 @@ pub trait Dataplane {
     fn delete_backend(&mut self, id: u32) -> Result<()>;
     fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()>;
     fn delete_rev_nat(&mut self, id: u16) -> Result<()>;
+    /// Creates zeroed counters for a frontend (keyed by its rev_nat_id) or a backend.
+    fn reset_stats(&mut self, of: StatsOf) -> Result<()>;
+    fn delete_stats(&mut self, of: StatsOf) -> Result<()>;
+}
+
+/// Whose counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StatsOf {
+    Frontend(u16),
+    Backend(u32),
 }

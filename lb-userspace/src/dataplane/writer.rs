@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::{ServiceKey, ServiceValue};
 
-use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result};
+use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
 
 /// What the writer believes one frontend holds in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +138,8 @@ impl Writer {
         for b in &wanted {
             if !self.backend_ids.contains_key(b) {
                 let id = self.alloc_backend_id()?;
+                // Counters first: the kernel counts a backend from the moment a slot names it.
+                dp.reset_stats(StatsOf::Backend(id))?;
                 dp.put_backend(id, b.to_value())?;
                 self.backend_ids.insert(*b, id);
                 self.used_backend_ids.insert(id);
@@ -160,6 +162,7 @@ impl Writer {
                 Some(o) => o.rev_nat_id,
                 None => {
                     let id = self.alloc_rev_nat_id()?;
+                    dp.reset_stats(StatsOf::Frontend(id))?;
                     dp.put_rev_nat(id, fe.rev_nat_value())?;
                     self.used_rev_nat_ids.insert(id);
                     stats.map_writes += 1;
@@ -217,6 +220,7 @@ impl Writer {
                 dp.delete_service(fe.key(slot as u16))?;
             }
             dp.delete_rev_nat(p.rev_nat_id)?;
+            dp.delete_stats(StatsOf::Frontend(p.rev_nat_id))?;
             self.used_rev_nat_ids.remove(&p.rev_nat_id);
             stats.map_deletes += 2 + p.slots.len();
             stats.frontends_removed += 1;
@@ -243,6 +247,7 @@ impl Writer {
         for b in orphans {
             let id = self.backend_ids.remove(&b).expect("listed above");
             dp.delete_backend(id)?;
+            dp.delete_stats(StatsOf::Backend(id))?;
             self.used_backend_ids.remove(&id);
             stats.backends_removed += 1;
             stats.map_deletes += 1;
