@@ -2,6 +2,7 @@
 //! would do with them (`model`), and how that becomes BPF map contents (`dataplane`) and attached
 //! programs (`loader`).
 pub mod dataplane;
+pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod sources;

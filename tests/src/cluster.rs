@@ -34,6 +34,23 @@ pub fn agent_bin() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Finds the lbctl binary: `LBCTL_BIN` (set by `cargo xtask test`), else the workspace's
+/// `target/debug/lbctl`.
+pub fn lbctl_bin() -> Result<PathBuf> {
+    let path = match std::env::var_os("LBCTL_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lbctl"),
+    };
+    if !path.is_file() {
+        bail!(
+            "lbctl binary not found at {}: run the tests through `cargo xtask test`, or build it \
+             first with `cargo build -p lb-userspace` (or set LBCTL_BIN)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The manifests directory; removed on drop.
 struct ManifestsDir(PathBuf);
 

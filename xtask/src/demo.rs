@@ -42,16 +42,20 @@ pub fn demo(workspace: &Path) -> Result<()> {
     let vip = SocketAddrV4::new(VIP, PORT);
     bed.wait_for_tcp(vip, Duration::from_secs(10))?;
     println!("demo: lb-agent programmed the maps; `lbctl dump` shows:");
-    let dump = cmd::output(
-        Command::new(debug.join("lbctl"))
-            .arg("--bpffs")
-            .arg(bed.bpffs.path())
-            .arg("dump"),
-    )
-    .context("running lbctl dump")?;
-    for line in dump.lines() {
-        println!("    {line}");
-    }
+    let lbctl = |what: &str| -> Result<()> {
+        let out = cmd::output(
+            Command::new(debug.join("lbctl"))
+                .arg("--bpffs")
+                .arg(bed.bpffs.path())
+                .arg(what),
+        )
+        .with_context(|| format!("running lbctl {what}"))?;
+        for line in out.lines() {
+            println!("    {line}");
+        }
+        Ok(())
+    };
+    lbctl("dump")?;
 
     let timeout = Duration::from_secs(2);
     let mut counts: BTreeMap<&str, [usize; 2]> = BACKENDS.iter().map(|b| (b.0, [0, 0])).collect();
@@ -97,6 +101,9 @@ pub fn demo(workspace: &Path) -> Result<()> {
         let [tcp, udp] = counts[name];
         println!("    {name:<9} {:<14} {tcp:>4}  {udp:>4}", ip.to_string());
     }
+    println!("\ndemo: `lbctl services` and `lbctl stats` read the same maps (connection counts include the readiness probes):");
+    lbctl("services")?;
+    lbctl("stats")?;
     let idle: Vec<&str> = counts
         .iter()
         .filter(|(_, c)| c[0] == 0 || c[1] == 0)

@@ -1,9 +1,12 @@
 //! lbctl: inspects the pinned maps directly, so it works while the agent is down.
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use lb_userspace::dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, FrontendAddr};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::{
+    dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, FrontendAddr},
+    inspect,
+};
 
 #[derive(Parser)]
 #[command(
@@ -15,30 +18,89 @@ struct Args {
     /// The agent's pin directory.
     #[arg(long, global = true, default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Canonical, sorted dump of frontends and their backends (stable, diffable).
+    /// Frontends and their backends with active and inactive connections (like `ipvsadm -Ln`).
+    Services,
+    /// Packets, bytes and new flows per frontend and backend (like `ipvsadm -Ln --stats`).
+    Stats,
+    /// Tracked flows, optionally filtered.
+    Conntrack {
+        /// Only flows to this frontend (address, or address:port).
+        #[arg(long)]
+        frontend: Option<String>,
+        /// Only flows given this backend (address, or address:port).
+        #[arg(long)]
+        backend: Option<String>,
+        /// Only flows from this client address.
+        #[arg(long)]
+        client: Option<IpAddr>,
+    },
+    /// Canonical, sorted dump of frontends and their backend slots (stable, diffable).
     Dump,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let json = matches!(args.output, Output::Json);
     match args.command {
-        Command::Dump => print!("{}", dump(&BpfMaps::from_pins(&args.bpffs)?)?),
+        Command::Dump => {
+            let maps = BpfMaps::from_pins(&args.bpffs)?;
+            print!("{}", dump(&maps)?);
+        }
+        Command::Services => {
+            let s = inspect::read(&args.bpffs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.frontends)?);
+            } else {
+                print!("{}", inspect::services_table(&s));
+            }
+        }
+        Command::Stats => {
+            let s = inspect::read(&args.bpffs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.frontends)?);
+            } else {
+                print!("{}", inspect::stats_table(&s));
+            }
+        }
+        Command::Conntrack {
+            frontend,
+            backend,
+            client,
+        } => {
+            let s = inspect::read(&args.bpffs)?;
+            let matches = |filter: &Option<String>, addr: std::net::SocketAddrV4| match filter {
+                None => true,
+                Some(f) => f == &addr.to_string() || f == &addr.ip().to_string(),
+            };
+            let flows: Vec<&inspect::FlowView> = s
+                .flows
+                .iter()
+                .filter(|f| matches(&frontend, f.frontend) && matches(&backend, f.backend))
+                .filter(|f| client.is_none_or(|c| c == IpAddr::V4(*f.client.ip())))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                print!("{}", inspect::conntrack_table(&flows));
+            }
+        }
     }
     Ok(())
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        lb_common::proto::TCP => "TCP".into(),
-        lb_common::proto::UDP => "UDP".into(),
-        other => format!("proto{other}"),
-    }
 }
 
 /// One line per frontend, then one per backend slot, sorted by frontend.
@@ -56,7 +118,7 @@ fn dump(maps: &impl Dataplane) -> Result<String> {
             "{}:{}/{} rev_nat={} backends={}",
             fe.addr,
             fe.port,
-            proto_name(fe.proto),
+            inspect::protocol_name(fe.proto),
             master.rev_nat_id,
             master.count
         )?;
