@@ -64,6 +64,12 @@ pub mod program_names {
     pub const TC_INGRESS: &str = "lb_tc_ingress";
 }
 
+/// `skb->mark` of a packet synthesized by `lbctl trace` and run through BPF_PROG_TEST_RUN. The
+/// programs treat a packet as a trace only when it has this mark *and* no ingress interface
+/// (`ingress_ifindex == 0`), which a real packet at tc ingress never has; a trace decides exactly
+/// as a real packet would but writes no conntrack entry and no counter.
+pub const TRACE_MARK: u32 = 0x7ace_0001;
+
 /// IP protocol numbers as used in keys.
 pub mod proto {
     pub const TCP: u8 = 6;

@@ -42,7 +42,10 @@ fn ct_key(flow: &Flow, dir: u8) -> CtKey {
 
 /// Refreshes the entry's timestamp and marks it closing on a TCP FIN or RST.
 #[inline(always)]
-fn refresh(entry: *mut CtValue, now: u64, flow: &Flow) {
+fn refresh(entry: *mut CtValue, now: u64, flow: &Flow, record: bool) {
+    if !record {
+        return;
+    }
     // SAFETY: `entry` comes from a successful map lookup and points into the map value, which
     // stays valid for the rest of this program run; the writes are plain aligned stores.
     unsafe {
@@ -99,15 +102,16 @@ fn count(rev_nat_id: u16, backend_id: u32, len: u64, dir: Direction, new_flow: b
     add(BACKEND_STATS.get_ptr_mut(backend_id), len, dir, new_flow);
 }
 
-/// Decides what to do with one packet of `len` bytes and records the flow state and counters.
+/// Decides what to do with one packet of `len` bytes and, when `record` is set (always, except
+/// for `lbctl trace` packets), records the flow state and counters.
 #[inline(always)]
-pub fn process(flow: &Flow, len: u64) -> Verdict {
+pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
     // 1. A reply from a backend of a flow we translated.
     if let Some(entry) = CONNTRACK.get_ptr_mut(ct_key(flow, CT_DIR_REPLY)) {
-        refresh(entry, now, flow);
+        refresh(entry, now, flow, record);
         // SAFETY: see `refresh`.
         let (addr, port, rev_nat_id, backend_id) = unsafe {
             (
@@ -117,7 +121,9 @@ pub fn process(flow: &Flow, len: u64) -> Verdict {
                 (*entry).backend_id,
             )
         };
-        count(rev_nat_id, backend_id, len, Direction::Out, false);
+        if record {
+            count(rev_nat_id, backend_id, len, Direction::Out, false);
+        }
         return Verdict::RevNat { addr, port };
     }
 
@@ -137,8 +143,10 @@ pub fn process(flow: &Flow, len: u64) -> Verdict {
         // SAFETY: the value is only read, and copied out before any map update.
         if let Some(backend) = unsafe { BACKENDS.get(backend_id) } {
             if backend.addr == addr && backend.port == port {
-                refresh(entry, now, flow);
-                count(rev_nat_id, backend_id, len, Direction::In, false);
+                refresh(entry, now, flow, record);
+                if record {
+                    count(rev_nat_id, backend_id, len, Direction::In, false);
+                }
                 return Verdict::Dnat { addr, port };
             }
         }
@@ -200,9 +208,11 @@ pub fn process(flow: &Flow, len: u64) -> Verdict {
     // Reply entry first: once the forward entry exists, the backend may answer at any moment.
     // If the table cannot take the entries the flow still goes through, untracked; the next
     // packet tries again.
-    let _ = CONNTRACK.insert(reply_key, reply, 0);
-    let _ = CONNTRACK.insert(fwd_key, forward, 0);
-    count(master.rev_nat_id, backend_id, len, Direction::In, true);
+    if record {
+        let _ = CONNTRACK.insert(reply_key, reply, 0);
+        let _ = CONNTRACK.insert(fwd_key, forward, 0);
+        count(master.rev_nat_id, backend_id, len, Direction::In, true);
+    }
     Verdict::Dnat {
         addr: backend.addr,
         port: backend.port,

@@ -33,7 +33,11 @@ fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
     let Some(flow) = packet::parse(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    match lb::process(&flow, ctx.len() as u64) {
+    // SAFETY: `skb` is the context pointer the kernel passed to this program; reading plain
+    // fields of it is what the verifier allows for tc programs.
+    let (mark, ingress_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
+    let record = !(mark == lb_common::TRACE_MARK && ingress_ifindex == 0);
+    match lb::process(&flow, ctx.len() as u64, record) {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop => Ok(TC_ACT_SHOT),
         Verdict::Dnat { addr, port } => {

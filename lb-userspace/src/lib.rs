@@ -6,3 +6,4 @@ pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod sources;
+pub mod trace;

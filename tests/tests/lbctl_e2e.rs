@@ -141,3 +141,90 @@ fn lbctl_shows_frontends_connections_counters_and_flows_as_they_are() {
     assert_eq!(nobody, serde_json::json!([]));
     drop(open);
 }
+
+#[test]
+fn lbctl_trace_explains_new_and_established_flows_and_leaves_no_state() {
+    let backends = [
+        ("be-1", Ipv4Addr::new(198, 18, 2, 1)),
+        ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
+    ];
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
+    let bed = OneNode::start(
+        "trace",
+        &backends,
+        8080,
+        &echo_service_yaml(VIP, 80, 8080, &ips),
+    )
+    .unwrap();
+    let to = SocketAddrV4::new(VIP, 80);
+    bed.wait_for_tcp(to, Duration::from_secs(10)).unwrap();
+    let conn = tcp_connect(&bed.client.ns, to, TIMEOUT).unwrap();
+    let client_port = conn.stream().local_addr().unwrap().port();
+    // Flows without their idle time, which may tick between two reads.
+    let flows = |bed: &OneNode| -> Vec<Value> {
+        let mut v = lbctl(bed, &["conntrack"]);
+        for f in v.as_array_mut().unwrap() {
+            f.as_object_mut().unwrap().remove("idle_seconds");
+        }
+        v.as_array().unwrap().clone()
+    };
+    let flows_before = flows(&bed);
+    let counters_before = lbctl(&bed, &["stats"]);
+
+    // A new flow: one of the two backends, with its slot.
+    let new = lbctl(&bed, &["trace", "198.18.1.10:45678", "198.19.0.10:80/tcp"]);
+    assert_eq!(new["verdict"], "dnat", "{new:#}");
+    assert_eq!(new["backends"], 2);
+    let chosen = new["backend"].as_str().unwrap();
+    assert!(
+        ips.iter().any(|ip| chosen == format!("{ip}:8080")),
+        "{new:#}"
+    );
+    assert!(
+        new["reason"].as_str().unwrap().starts_with("new flow"),
+        "{new:#}"
+    );
+    assert!(matches!(new["slot"].as_u64(), Some(1 | 2)), "{new:#}");
+
+    // The open connection's own tuple: conntrack keeps it on its backend.
+    let est = lbctl(
+        &bed,
+        &[
+            "trace",
+            &format!("{CLIENT_IP}:{client_port}"),
+            "198.19.0.10:80/tcp",
+        ],
+    );
+    let mine = backends
+        .iter()
+        .find(|b| b.0 == conn.reply.backend)
+        .unwrap()
+        .1;
+    assert_eq!(est["backend"], format!("{mine}:8080"), "{est:#}");
+    assert!(
+        est["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("established flow"),
+        "{est:#}"
+    );
+
+    // Not a frontend, and the wrong protocol.
+    let pass = lbctl(&bed, &["trace", "198.18.1.10", "198.18.2.1:8080/tcp"]);
+    assert_eq!(pass["verdict"], "pass");
+    let udp_pass = lbctl(&bed, &["trace", "198.18.1.10", "198.19.0.10:81/udp"]);
+    assert_eq!(udp_pass["verdict"], "pass");
+
+    // Traces wrote nothing: same flows, same counters.
+    assert_eq!(
+        flows(&bed),
+        flows_before,
+        "a trace must not create conntrack entries"
+    );
+    assert_eq!(
+        lbctl(&bed, &["stats"]),
+        counters_before,
+        "a trace must not count"
+    );
+    drop(conn);
+}

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, FrontendAddr},
-    inspect,
+    inspect, trace,
 };
 
 #[derive(Parser)]
@@ -51,6 +51,14 @@ enum Command {
     },
     /// Canonical, sorted dump of frontends and their backend slots (stable, diffable).
     Dump,
+    /// Which frontend and backend a packet would hit, and why: runs the real program on a
+    /// synthesized packet against the live maps, leaving no conntrack entry or counter behind.
+    Trace {
+        /// Source `ADDR` or `ADDR:PORT` (port 40000 if omitted).
+        source: String,
+        /// Destination `ADDR:PORT/PROTO`, PROTO `tcp` (default) or `udp`.
+        destination: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -75,6 +83,29 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s.frontends)?);
             } else {
                 print!("{}", inspect::stats_table(&s));
+            }
+        }
+        Command::Trace {
+            source,
+            destination,
+        } => {
+            let Some(src) = trace::parse_source(&source) else {
+                anyhow::bail!("source {source:?}: expected ADDR or ADDR:PORT (IPv4)");
+            };
+            let Some((dst, protocol)) = trace::parse_destination(&destination) else {
+                anyhow::bail!(
+                    "destination {destination:?}: expected ADDR:PORT/tcp or ADDR:PORT/udp (IPv4)"
+                );
+            };
+            let t = trace::trace(&args.bpffs, src, dst, protocol)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!(
+                    "{} {} -> {}: {}",
+                    t.protocol, t.source, t.destination, t.verdict
+                );
+                println!("  {}", t.reason);
             }
         }
         Command::Conntrack {

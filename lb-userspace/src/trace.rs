@@ -1,0 +1,253 @@
+//! `lbctl trace`: what would the data path do with a packet from SRC to DST:PORT/PROTO? The real
+//! tc program runs on a synthesized packet through BPF_PROG_TEST_RUN against the live pinned maps,
+//! so the answer can never disagree with the data path. The packet carries the trace mark
+//! ([`lb_common::TRACE_MARK`]), which makes the program decide without recording anything: no
+//! conntrack entry and no counter is left behind.
+use std::{
+    net::{IpAddr, SocketAddrV4},
+    path::Path,
+};
+
+use aya::{
+    maps::{HashMap, Map, MapData},
+    programs::{TestRun, TestRunOptions},
+};
+use lb_common::{
+    conntrack::CT_DIR_FORWARD, ipv4_to_net, map_names, port_to_net, proto, CtKey, CtValue,
+    ServiceKey,
+};
+use serde::Serialize;
+
+use crate::{
+    dataplane::{bpf::BpfMaps, Dataplane, FrontendAddr},
+    inspect::protocol_name,
+    loader,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no pinned map {0}: is an agent running with this --bpffs directory?")]
+    NotPinned(String),
+    #[error(transparent)]
+    Loader(#[from] loader::Error),
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::Error),
+    #[error("reading {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("BPF_PROG_TEST_RUN: {0}")]
+    TestRun(aya::programs::ProgramError),
+    #[error("building the trace packet: {0}")]
+    Packet(String),
+}
+
+/// What the data path would do, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trace {
+    pub protocol: String,
+    pub source: SocketAddrV4,
+    pub destination: SocketAddrV4,
+    /// `pass`, `drop` or `dnat`.
+    pub verdict: &'static str,
+    /// The backend the packet was sent to, for `dnat`.
+    pub backend: Option<SocketAddrV4>,
+    /// Slot of that backend in the frontend (1-based), and how many there are.
+    pub slot: Option<u16>,
+    pub backends: Option<u16>,
+    pub reason: String,
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+fn packet(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> Result<Vec<u8>, Error> {
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.ip().octets(), dst.ip().octets(), 64);
+    let mut out = Vec::new();
+    let written = match protocol {
+        proto::TCP => builder
+            .tcp(src.port(), dst.port(), 1, 64240)
+            .syn()
+            .write(&mut out, &[]),
+        proto::UDP => builder
+            .udp(src.port(), dst.port())
+            .write(&mut out, b"lbctl trace"),
+        other => {
+            return Err(Error::Packet(format!(
+                "protocol {other} is not traced (TCP and UDP are)"
+            )))
+        }
+    };
+    written.map_err(|e| Error::Packet(e.to_string()))?;
+    Ok(out)
+}
+
+/// Runs the data path on one synthesized packet against the maps pinned under `bpffs`.
+pub fn trace(
+    bpffs: &Path,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    protocol: u8,
+) -> Result<Trace, Error> {
+    // Loading with pins that do not exist would create empty maps: refuse instead.
+    for name in [
+        map_names::SERVICES,
+        map_names::BACKENDS,
+        map_names::REV_NAT,
+        map_names::CONNTRACK,
+    ] {
+        if !bpffs.join(name).exists() {
+            return Err(Error::NotPinned(bpffs.join(name).display().to_string()));
+        }
+    }
+    let maps = BpfMaps::from_pins(bpffs)?;
+    let ct_data =
+        MapData::from_pin(bpffs.join(map_names::CONNTRACK)).map_err(|source| Error::Map {
+            map: map_names::CONNTRACK,
+            source,
+        })?;
+    let conntrack: HashMap<_, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(ct_data))
+        .map_err(|source| Error::Map {
+            map: map_names::CONNTRACK,
+            source,
+        })?;
+    let key = CtKey {
+        src_addr: ipv4_to_net(*src.ip()),
+        dst_addr: ipv4_to_net(*dst.ip()),
+        src_port: port_to_net(src.port()),
+        dst_port: port_to_net(dst.port()),
+        proto: protocol,
+        dir: CT_DIR_FORWARD,
+        _pad: 0,
+    };
+    let established = conntrack.get(&key, 0).ok();
+    let fe = FrontendAddr {
+        addr: *dst.ip(),
+        port: dst.port(),
+        proto: protocol,
+    };
+    let services: std::collections::BTreeMap<ServiceKey, _> =
+        maps.services()?.into_iter().collect();
+    let master = services.get(&fe.key(0)).copied();
+
+    let mut ebpf = loader::load(&loader::LoadOptions {
+        bpffs: bpffs.to_path_buf(),
+        conntrack_size: lb_common::map_sizes::CONNTRACK,
+    })?;
+    let input = packet(src, dst, protocol)?;
+    let mut output = vec![0u8; input.len() + 64];
+    // __sk_buff up to and including `mark` (offset 8); len and pkt_type must be zero.
+    let mut ctx = [0u8; 12];
+    ctx[8..12].copy_from_slice(&lb_common::TRACE_MARK.to_ne_bytes());
+    let result = loader::tc_program(&mut ebpf)?
+        .test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut output),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .map_err(Error::TestRun)?;
+    output.truncate(result.data_size_out as usize);
+    let out_dst = etherparse::SlicedPacket::from_ethernet(&output)
+        .ok()
+        .and_then(|p| match (p.net, p.transport) {
+            (Some(etherparse::NetSlice::Ipv4(ip)), Some(etherparse::TransportSlice::Tcp(t))) => {
+                Some(SocketAddrV4::new(
+                    ip.header().destination_addr(),
+                    t.destination_port(),
+                ))
+            }
+            (Some(etherparse::NetSlice::Ipv4(ip)), Some(etherparse::TransportSlice::Udp(u))) => {
+                Some(SocketAddrV4::new(
+                    ip.header().destination_addr(),
+                    u.destination_port(),
+                ))
+            }
+            _ => None,
+        });
+
+    let mut t = Trace {
+        protocol: protocol_name(protocol),
+        source: src,
+        destination: dst,
+        verdict: "pass",
+        backend: None,
+        slot: None,
+        backends: master.map(|m| m.count),
+        reason: String::new(),
+    };
+    let rewritten = out_dst.filter(|d| *d != dst);
+    match (result.return_value, rewritten) {
+        (TC_ACT_SHOT, _) => {
+            t.verdict = "drop";
+            t.reason = match master {
+                Some(m) if m.count == 0 => format!(
+                    "frontend {dst}/{} has no usable backend: new flows are dropped",
+                    t.protocol
+                ),
+                _ => "dropped".into(),
+            };
+        }
+        (TC_ACT_OK, Some(backend)) => {
+            t.verdict = "dnat";
+            t.backend = Some(backend);
+            let backends: std::collections::BTreeMap<u32, _> =
+                maps.backends()?.into_iter().collect();
+            t.slot = master.and_then(|m| {
+                (1..=m.count).find(|&s| {
+                    services
+                        .get(&fe.key(s))
+                        .and_then(|v| backends.get(&v.backend_id))
+                        .is_some_and(|b| {
+                            lb_common::net_to_ipv4(b.addr) == *backend.ip()
+                                && lb_common::net_to_port(b.port) == backend.port()
+                        })
+                })
+            });
+            t.reason = match established {
+                Some(_) => format!("established flow: conntrack keeps it on {backend}"),
+                None => format!(
+                    "new flow to frontend {dst}/{}: random choice among {} backends picked {backend} (slot {}); another run may pick another",
+                    t.protocol,
+                    t.backends.unwrap_or(0),
+                    t.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+                ),
+            };
+        }
+        (TC_ACT_OK, None) => {
+            t.reason = match master {
+                None => format!(
+                    "no frontend {dst}/{}: not load-balanced, passes untouched",
+                    t.protocol
+                ),
+                Some(_) => "passes untouched".into(),
+            };
+        }
+        (other, _) => t.reason = format!("unexpected verdict {other}"),
+    }
+    Ok(t)
+}
+
+/// Parses `ADDR:PORT/PROTO` (PROTO is tcp or udp, default tcp).
+pub fn parse_destination(s: &str) -> Option<(SocketAddrV4, u8)> {
+    let (addr, protocol) = match s.rsplit_once('/') {
+        Some((a, p)) => (a, p.to_ascii_lowercase()),
+        None => (s, "tcp".to_string()),
+    };
+    let protocol = match protocol.as_str() {
+        "tcp" => proto::TCP,
+        "udp" => proto::UDP,
+        _ => return None,
+    };
+    Some((addr.parse().ok()?, protocol))
+}
+
+/// Parses a source `ADDR` or `ADDR:PORT` (port defaults to 40000).
+pub fn parse_source(s: &str) -> Option<SocketAddrV4> {
+    s.parse().ok().or_else(|| match s.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Some(SocketAddrV4::new(a, 40000)),
+        _ => None,
+    })
+}
