@@ -1,6 +1,9 @@
 //! The load-balancing core shared by every hook: conntrack, service lookup, backend selection.
 //! It decides and records state; the hook applies the rewrite.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use lb_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
     service::SCOPE_CLUSTER,
@@ -9,7 +12,7 @@ use lb_common::{
 
 use crate::{
     maps::{BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
-    packet::{Flow, TCP_FIN, TCP_RST},
+    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// What the hook must do with a packet.
@@ -40,21 +43,45 @@ fn ct_key(flow: &Flow, dir: u8) -> CtKey {
     }
 }
 
-/// Refreshes the entry's timestamp and marks it closing on a TCP FIN or RST.
+/// Refreshes the entry's timestamp (at most once a second) and marks it closing on a TCP FIN or
+/// RST. Returns whether the timestamp was renewed, which callers use as their once-a-second tick.
 #[inline(always)]
-fn refresh(entry: *mut CtValue, now: u64, flow: &Flow, record: bool) {
-    if !record {
-        return;
-    }
+fn refresh(entry: *mut CtValue, now: u64, flow: &Flow) -> bool {
     // SAFETY: `entry` comes from a successful map lookup and points into the map value, which
     // stays valid for the rest of this program run; the writes are plain aligned stores.
     unsafe {
-        if now.wrapping_sub((*entry).last_seen_ns) > CT_REFRESH_NS {
-            (*entry).last_seen_ns = now;
-        }
         if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && (*entry).flags & CT_FLAG_CLOSING == 0 {
             (*entry).flags |= CT_FLAG_CLOSING;
         }
+        if now.wrapping_sub((*entry).last_seen_ns) > CT_REFRESH_NS {
+            (*entry).last_seen_ns = now;
+            return true;
+        }
+    }
+    false
+}
+
+/// The reply entry that goes with a flow given `backend_addr:backend_port`.
+#[inline(always)]
+fn reply_key(flow: &Flow, backend_addr: u32, backend_port: u16) -> CtKey {
+    CtKey {
+        src_addr: backend_addr,
+        dst_addr: flow.src_addr,
+        src_port: backend_port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    }
+}
+
+/// The reply entry's value: the forward entry with the frontend as the address to restore.
+#[inline(always)]
+fn reply_value(forward: &CtValue, flow: &Flow) -> CtValue {
+    CtValue {
+        nat_addr: flow.dst_addr,
+        nat_port: flow.dst_port,
+        ..*forward
     }
 }
 
@@ -111,45 +138,50 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
 
     // 1. A reply from a backend of a flow we translated.
     if let Some(entry) = CONNTRACK.get_ptr_mut(ct_key(flow, CT_DIR_REPLY)) {
-        refresh(entry, now, flow, record);
-        // SAFETY: see `refresh`.
-        let (addr, port, rev_nat_id, backend_id) = unsafe {
-            (
-                (*entry).nat_addr,
-                (*entry).nat_port,
-                (*entry).rev_nat_id,
-                (*entry).backend_id,
-            )
-        };
+        // SAFETY: see `refresh`; the value is copied out.
+        let v = unsafe { *entry };
         if record {
-            count(rev_nat_id, backend_id, len, Direction::Out, false);
+            refresh(entry, now, flow);
+            count(v.rev_nat_id, v.backend_id, len, Direction::Out, false);
         }
-        return Verdict::RevNat { addr, port };
+        return Verdict::RevNat {
+            addr: v.nat_addr,
+            port: v.nat_port,
+        };
     }
 
     // 2. A packet of a flow that already has its backend, as long as that backend still exists
-    // with the address the flow was given (ids are reused after a backend is deleted).
+    // with the address the flow was given (ids are reused after a backend is deleted), and the
+    // packet is not a new connection reusing the ports of one that closed.
     let fwd_key = ct_key(flow, CT_DIR_FORWARD);
+    let mut stale = false;
     if let Some(entry) = CONNTRACK.get_ptr_mut(fwd_key) {
-        // SAFETY: see `refresh`.
-        let (backend_id, addr, port, rev_nat_id) = unsafe {
-            (
-                (*entry).backend_id,
-                (*entry).nat_addr,
-                (*entry).nat_port,
-                (*entry).rev_nat_id,
-            )
-        };
-        // SAFETY: the value is only read, and copied out before any map update.
-        if let Some(backend) = unsafe { BACKENDS.get(backend_id) } {
-            if backend.addr == addr && backend.port == port {
-                refresh(entry, now, flow, record);
-                if record {
-                    count(rev_nat_id, backend_id, len, Direction::In, false);
+        // SAFETY: see `refresh`; the value is copied out.
+        let v = unsafe { *entry };
+        let fresh_syn =
+            flow.proto == lb_common::proto::TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let reused_ports = fresh_syn && v.flags & CT_FLAG_CLOSING != 0;
+        // SAFETY: the value is only read.
+        let backend_alive = unsafe { BACKENDS.get(v.backend_id) }
+            .is_some_and(|b| b.addr == v.nat_addr && b.port == v.nat_port);
+        if backend_alive && !reused_ports {
+            if record {
+                if refresh(entry, now, flow) {
+                    // LRU eviction can take the reply entry alone; without it replies would go
+                    // out with the backend's address. Checked once a second, not per packet.
+                    let rk = reply_key(flow, v.nat_addr, v.nat_port);
+                    if CONNTRACK.get_ptr(rk).is_none() {
+                        let _ = CONNTRACK.insert(rk, reply_value(&v, flow), 0);
+                    }
                 }
-                return Verdict::Dnat { addr, port };
+                count(v.rev_nat_id, v.backend_id, len, Direction::In, false);
             }
+            return Verdict::Dnat {
+                addr: v.nat_addr,
+                port: v.nat_port,
+            };
         }
+        stale = true;
     }
 
     // 3. A new flow to a frontend.
@@ -181,6 +213,12 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         Some(b) => *b,
         None => return Verdict::Drop,
     };
+    if !record {
+        return Verdict::Dnat {
+            addr: backend.addr,
+            port: backend.port,
+        };
+    }
 
     let forward = CtValue {
         backend_id,
@@ -191,28 +229,34 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         _pad: 0,
         last_seen_ns: now,
     };
-    let reply_key = CtKey {
-        src_addr: backend.addr,
-        dst_addr: flow.src_addr,
-        src_port: backend.port,
-        dst_port: flow.src_port,
-        proto: flow.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let reply = CtValue {
-        nat_addr: flow.dst_addr,
-        nat_port: flow.dst_port,
-        ..forward
-    };
-    // Reply entry first: once the forward entry exists, the backend may answer at any moment.
-    // If the table cannot take the entries the flow still goes through, untracked; the next
-    // packet tries again.
-    if record {
-        let _ = CONNTRACK.insert(reply_key, reply, 0);
-        let _ = CONNTRACK.insert(fwd_key, forward, 0);
-        count(master.rev_nat_id, backend_id, len, Direction::In, true);
+    // A stale entry is replaced. Otherwise the entry must not exist yet: if another CPU created
+    // it for this flow's first packets meanwhile, follow its choice so one flow never has two
+    // backends. (If the table cannot take the entries, the flow goes through untracked and the
+    // next packet tries again.)
+    let flags = if stale { BPF_ANY } else { BPF_NOEXIST };
+    if CONNTRACK.insert(fwd_key, forward, flags as u64).is_err() && !stale {
+        // SAFETY: copied out immediately.
+        if let Some(other) = unsafe { CONNTRACK.get(fwd_key) } {
+            let other = *other;
+            count(
+                other.rev_nat_id,
+                other.backend_id,
+                len,
+                Direction::In,
+                false,
+            );
+            return Verdict::Dnat {
+                addr: other.nat_addr,
+                port: other.nat_port,
+            };
+        }
     }
+    let _ = CONNTRACK.insert(
+        reply_key(flow, backend.addr, backend.port),
+        reply_value(&forward, flow),
+        0,
+    );
+    count(master.rev_nat_id, backend_id, len, Direction::In, true);
     Verdict::Dnat {
         addr: backend.addr,
         port: backend.port,

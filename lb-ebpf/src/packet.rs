@@ -33,7 +33,9 @@ pub struct Flow {
 }
 
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Reads packet bytes at an offset, failing when the packet is too short. Implemented per hook
 /// (tc reads through `bpf_skb_load_bytes`, which also handles non-linear buffers).

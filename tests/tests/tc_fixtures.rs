@@ -28,6 +28,8 @@ fn backend(last: u8) -> Ipv4Addr {
 
 struct Fixture {
     ebpf: Ebpf,
+    maps: BpfMaps,
+    writer: Writer,
     conntrack: HashMap<MapData, CtKey, CtValue>,
     // Dropped last: unmounts the pins.
     _bpffs: BpfFs,
@@ -43,7 +45,24 @@ impl Fixture {
             conntrack_size: 1024,
         })
         .expect("load the eBPF object");
-        let mut maps = BpfMaps::from_ebpf(&mut ebpf).expect("open maps");
+        let maps = BpfMaps::from_ebpf(&mut ebpf).expect("open maps");
+        let writer = Writer::adopt(&maps).unwrap();
+        let ct =
+            MapData::from_pin(bpffs.path().join(map_names::CONNTRACK)).expect("open conntrack pin");
+        let conntrack = HashMap::try_from(Map::LruHashMap(ct)).expect("conntrack map");
+        let mut f = Fixture {
+            ebpf,
+            maps,
+            writer,
+            conntrack,
+            _bpffs: bpffs,
+        };
+        f.program(frontends);
+        f
+    }
+
+    /// Makes the maps hold exactly these frontends (port, protocol, backend numbers) on the VIP.
+    fn program(&mut self, frontends: &[(u16, u8, &[u8])]) {
         let desired: Desired = frontends
             .iter()
             .map(|&(port, proto, backends)| {
@@ -68,18 +87,9 @@ impl Fixture {
                 )
             })
             .collect();
-        Writer::adopt(&maps)
-            .unwrap()
-            .apply(&mut maps, &desired)
+        self.writer
+            .apply(&mut self.maps, &desired)
             .expect("program maps");
-        let ct =
-            MapData::from_pin(bpffs.path().join(map_names::CONNTRACK)).expect("open conntrack pin");
-        let conntrack = HashMap::try_from(Map::LruHashMap(ct)).expect("conntrack map");
-        Fixture {
-            ebpf,
-            conntrack,
-            _bpffs: bpffs,
-        }
     }
 
     /// Runs the tc program on one packet: (verdict, output bytes).
@@ -115,6 +125,17 @@ fn tcp(
     ack: bool,
     payload: &[u8],
 ) -> Vec<u8> {
+    tcp_with_fin(src, dst, syn, ack, false, payload)
+}
+
+fn tcp_with_fin(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    syn: bool,
+    ack: bool,
+    fin: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
         .ipv4(src.0.octets(), dst.0.octets(), 64)
         .tcp(src.1, dst.1, 1000, 64240);
@@ -123,6 +144,9 @@ fn tcp(
     }
     if ack {
         b = b.ack(2000);
+    }
+    if fin {
+        b = b.fin();
     }
     let mut v = Vec::new();
     b.write(&mut v, payload).unwrap();
@@ -375,4 +399,161 @@ fn counters_record_packets_bytes_and_new_flows_per_frontend_and_backend() {
         vec![expected],
         "one backend"
     );
+}
+
+fn dst_of(pkt: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::from(<[u8; 4]>::try_from(&pkt[30..34]).unwrap())
+}
+
+#[test]
+fn syn_reusing_the_ports_of_a_closed_flow_is_balanced_anew() {
+    // Backend 1 stays alive through frontend :81, so only the closing flag can tell that the
+    // old entry must not be followed.
+    let mut f = Fixture::new(
+        "fx-reuse",
+        &[
+            (80, lb_common::proto::TCP, &[1]),
+            (81, lb_common::proto::TCP, &[1]),
+        ],
+    );
+    let (_, first) = f.run(&tcp_syn((CLIENT, 40010), (VIP, 80)));
+    assert_eq!(dst_of(&first), backend(1));
+    f.run(&tcp_with_fin(
+        (CLIENT, 40010),
+        (VIP, 80),
+        false,
+        true,
+        true,
+        b"",
+    ));
+    f.program(&[
+        (80, lb_common::proto::TCP, &[2]),
+        (81, lb_common::proto::TCP, &[1]),
+    ]);
+    // A retransmitted FIN of the old connection still follows its entry...
+    let (_, fin) = f.run(&tcp_with_fin(
+        (CLIENT, 40010),
+        (VIP, 80),
+        false,
+        true,
+        true,
+        b"",
+    ));
+    assert_eq!(dst_of(&fin), backend(1));
+    // ...but a new SYN on the same ports is a new connection.
+    let (_, again) = f.run(&tcp_syn((CLIENT, 40010), (VIP, 80)));
+    assert_eq!(again, tcp_syn((CLIENT, 40010), (backend(2), 8080)));
+}
+
+#[test]
+fn retransmitted_syn_of_an_open_flow_keeps_its_backend() {
+    let mut f = Fixture::new(
+        "fx-resyn",
+        &[(80, lb_common::proto::TCP, &[1, 2, 3, 4, 5, 6, 7, 8])],
+    );
+    let (_, first) = f.run(&tcp_syn((CLIENT, 40011), (VIP, 80)));
+    for _ in 0..10 {
+        let (_, again) = f.run(&tcp_syn((CLIENT, 40011), (VIP, 80)));
+        assert_eq!(again, first);
+    }
+}
+
+#[test]
+fn evicted_reply_entry_is_recreated_by_the_next_forward_packet() {
+    let mut f = Fixture::new("fx-evict", &[(80, lb_common::proto::TCP, &[1])]);
+    f.run(&tcp_syn((CLIENT, 40012), (VIP, 80)));
+    let entries = f.conntrack_entries();
+    let (reply_key, _) = entries.iter().find(|(k, _)| k.dir == CT_DIR_REPLY).unwrap();
+    let (fwd_key, fwd) = entries
+        .iter()
+        .find(|(k, _)| k.dir == CT_DIR_FORWARD)
+        .unwrap();
+    // What LRU eviction of the reply entry alone looks like; an old timestamp makes the next
+    // forward packet do its once-a-second check now.
+    f.conntrack.remove(reply_key).unwrap();
+    f.conntrack
+        .insert(
+            fwd_key,
+            CtValue {
+                last_seen_ns: 0,
+                ..*fwd
+            },
+            0,
+        )
+        .unwrap();
+    f.run(&tcp((CLIENT, 40012), (VIP, 80), false, true, b"data"));
+    assert_eq!(f.conntrack_entries().len(), 2, "reply entry recreated");
+    let (_, out) = f.run(&tcp(
+        (backend(1), 8080),
+        (CLIENT, 40012),
+        false,
+        true,
+        b"answer",
+    ));
+    assert_eq!(out, tcp((VIP, 80), (CLIENT, 40012), false, true, b"answer"));
+}
+
+#[test]
+fn udp_without_checksum_keeps_a_zero_checksum() {
+    let mut f = Fixture::new("fx-udp0", &[(53, lb_common::proto::UDP, &[4])]);
+    let zero_csum = |mut p: Vec<u8>| {
+        p[14 + 20 + 6] = 0;
+        p[14 + 20 + 7] = 0;
+        p
+    };
+    let (verdict, out) = f.run(&zero_csum(udp((CLIENT, 5001), (VIP, 53), b"q")));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        zero_csum(udp((CLIENT, 5001), (backend(4), 8080), b"q"))
+    );
+}
+
+/// Inserts four NOP option bytes into the IPv4 header (IHL 6) and fixes length and checksum.
+fn with_ip_options(pkt: &[u8]) -> Vec<u8> {
+    let mut out = pkt[..34].to_vec();
+    out.extend_from_slice(&[1, 1, 1, 1]);
+    out.extend_from_slice(&pkt[34..]);
+    out[14] = 0x46;
+    let total = u16::from_be_bytes([out[16], out[17]]) + 4;
+    out[16..18].copy_from_slice(&total.to_be_bytes());
+    out[24..26].copy_from_slice(&[0, 0]);
+    let header = etherparse::Ipv4HeaderSlice::from_slice(&out[14..38])
+        .unwrap()
+        .to_header();
+    out[24..26].copy_from_slice(&header.calc_header_checksum().to_be_bytes());
+    out
+}
+
+#[test]
+fn packet_with_ip_options_is_translated_through_ihl() {
+    let mut f = Fixture::new("fx-opts", &[(80, lb_common::proto::TCP, &[1])]);
+    let (verdict, out) = f.run(&with_ip_options(&tcp_syn((CLIENT, 40013), (VIP, 80))));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        with_ip_options(&tcp_syn((CLIENT, 40013), (backend(1), 8080)))
+    );
+    assert_checksums_valid(&out);
+}
+
+#[test]
+fn fragments_pass_unmodified() {
+    let mut f = Fixture::new("fx-frag", &[(80, lb_common::proto::TCP, &[1])]);
+    let with_frag = |more_fragments: bool, offset: u16| {
+        let mut p = tcp_syn((CLIENT, 40014), (VIP, 80));
+        let field = (if more_fragments { 0x2000 } else { 0 }) | offset;
+        p[20..22].copy_from_slice(&field.to_be_bytes());
+        p
+    };
+    for pkt in [
+        with_frag(true, 0),
+        with_frag(false, 100),
+        with_frag(true, 7),
+    ] {
+        let (verdict, out) = f.run(&pkt);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, pkt, "fragments are passed on as they are");
+    }
+    assert!(f.conntrack_entries().is_empty());
 }
