@@ -51,6 +51,8 @@ pub struct Writer {
 }
 
 const MAX_BACKEND_ID: u32 = lb_common::map_sizes::BACKENDS;
+/// Slots are numbered by a u16 and slot 0 is the master.
+const MAX_SLOTS: usize = u16::MAX as usize;
 const MAX_REV_NAT_ID: u16 = u16::MAX;
 
 impl Writer {
@@ -126,8 +128,20 @@ impl Writer {
         self.backend_ids.len()
     }
 
-    /// Makes the maps hold exactly `desired`.
+    /// Makes the maps hold exactly `desired`. After a failed map operation the writer re-reads
+    /// the maps, so that the next apply works from what they really hold rather than from what
+    /// this one meant to write.
     pub fn apply(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
+        let result = self.apply_once(dp, desired);
+        if result.is_err() {
+            if let Ok(actual) = Writer::adopt(dp) {
+                *self = actual;
+            }
+        }
+        result
+    }
+
+    fn apply_once(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
         // 1. New backends.
@@ -150,7 +164,19 @@ impl Writer {
 
         // 2. New and changed frontends, each slots-then-master.
         for (fe, want) in desired {
-            let slots: Vec<u32> = want.backends.iter().map(|b| self.backend_ids[b]).collect();
+            if want.backends.len() > MAX_SLOTS {
+                tracing::warn!(
+                    service_port = %want.service_port,
+                    backends = want.backends.len(),
+                    "more backends than a frontend can hold; only the first {MAX_SLOTS} are used"
+                );
+            }
+            let slots: Vec<u32> = want
+                .backends
+                .iter()
+                .take(MAX_SLOTS)
+                .map(|b| self.backend_ids[b])
+                .collect();
             let old = self.frontends.get(fe).cloned();
             if old
                 .as_ref()

@@ -222,3 +222,114 @@ fn random_update_sequences_keep_every_frontend_consistent() {
         );
     }
 }
+
+/// A dataplane that fails the n-th service write, like a full map would.
+struct FailingMaps {
+    inner: FakeMaps,
+    fail_service_write: usize,
+    service_writes: usize,
+}
+
+impl crate::dataplane::Dataplane for FailingMaps {
+    fn services(&self) -> Result<Vec<(lb_common::ServiceKey, ServiceValue)>> {
+        self.inner.services()
+    }
+    fn backends(&self) -> Result<Vec<(u32, lb_common::BackendValue)>> {
+        self.inner.backends()
+    }
+    fn rev_nats(&self) -> Result<Vec<(u16, lb_common::RevNatValue)>> {
+        self.inner.rev_nats()
+    }
+    fn put_service(&mut self, key: lb_common::ServiceKey, value: ServiceValue) -> Result<()> {
+        self.service_writes += 1;
+        if self.service_writes == self.fail_service_write {
+            return Err(Error::Fake("map full".into()));
+        }
+        self.inner.put_service(key, value)
+    }
+    fn delete_service(&mut self, key: lb_common::ServiceKey) -> Result<()> {
+        self.inner.delete_service(key)
+    }
+    fn put_backend(&mut self, id: u32, value: lb_common::BackendValue) -> Result<()> {
+        self.inner.put_backend(id, value)
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<()> {
+        self.inner.delete_backend(id)
+    }
+    fn put_rev_nat(&mut self, id: u16, value: lb_common::RevNatValue) -> Result<()> {
+        self.inner.put_rev_nat(id, value)
+    }
+    fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
+        self.inner.delete_rev_nat(id)
+    }
+    fn reset_stats(&mut self, of: crate::dataplane::StatsOf) -> Result<()> {
+        self.inner.reset_stats(of)
+    }
+    fn delete_stats(&mut self, of: crate::dataplane::StatsOf) -> Result<()> {
+        self.inner.delete_stats(of)
+    }
+}
+
+#[test]
+fn failed_apply_leaves_consistent_maps_and_the_next_apply_works_from_what_they_hold() {
+    let mut maps = FailingMaps {
+        inner: FakeMaps::default(),
+        fail_service_write: usize::MAX,
+        service_writes: 0,
+    };
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2, 3])]))
+        .unwrap();
+    // Rewriting the three slots fails at the third write, before the master.
+    maps.fail_service_write = maps.service_writes + 3;
+    assert!(w
+        .apply(&mut maps, &desired(&[(fe(10, 80), &[4, 5, 6])]))
+        .is_err());
+    maps.inner.check_consistent().unwrap();
+    // The next apply must not trust the failed one: slots 1 and 2 hold 4 and 5 now.
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2])]))
+        .unwrap();
+    assert_eq!(programmed(&maps.inner, fe(10, 80)), Some(vec![1, 2]));
+    let referenced: BTreeSet<u32> = maps
+        .inner
+        .services
+        .values()
+        .filter(|v| v.backend_id != 0)
+        .map(|v| v.backend_id)
+        .collect();
+    assert_eq!(
+        referenced.len(),
+        maps.inner.backends.len(),
+        "no orphans and nothing missing"
+    );
+}
+
+#[test]
+fn frontend_with_more_backends_than_slots_is_capped_not_wrapped() {
+    let mut maps = FakeMaps {
+        skip_checks: true,
+        ..Default::default()
+    };
+    let mut w = Writer::adopt(&maps).unwrap();
+    let many: Vec<BackendAddr> = (0..70_000u32)
+        .map(|i| BackendAddr {
+            addr: Ipv4Addr::from(0xc612_0000 + i),
+            port: 8080,
+            proto: lb_common::proto::TCP,
+        })
+        .collect();
+    let d: Desired = [(
+        fe(10, 80),
+        DesiredFrontend {
+            service_port: "ns/big:p/TCP".into(),
+            backends: many,
+            flags: 0,
+        },
+    )]
+    .into_iter()
+    .collect();
+    w.apply(&mut maps, &d).unwrap();
+    assert_eq!(maps.services[&fe(10, 80).key(0)].count, u16::MAX);
+    maps.skip_checks = false;
+    maps.check_consistent().unwrap();
+}
