@@ -21,7 +21,7 @@ pub enum Error {
         op: &'static str,
         map: &'static str,
         dir: String,
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -119,7 +119,7 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             op,
             map,
             dir,
-            source,
+            source: Box::new(source),
         }
     };
     let ct_data = MapData::from_pin(dir.join(map_names::CONNTRACK))

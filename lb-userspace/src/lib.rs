@@ -1,9 +1,15 @@
 //! The userspace side of the load balancer: where Services come from (`sources`), what kube-proxy
 //! would do with them (`model`), and how that becomes BPF map contents (`dataplane`) and attached
 //! programs (`loader`).
+pub mod attach;
+pub mod cni;
 pub mod dataplane;
+pub mod health;
 pub mod inspect;
 pub mod loader;
 pub mod model;
+pub mod netlink;
+pub mod pin_lock;
+pub mod pod_interfaces;
 pub mod sources;
 pub mod trace;

@@ -83,13 +83,32 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Makes sure `dir` is on a bpffs, mounting a fresh one there when it is not. Returns whether a
 /// mount was made.
 pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
+    // The default /sys/fs/bpf/lb sits below the standard bpffs mount point. When that is not
+    // mounted (as on a fresh machine), nothing can be created inside sysfs: mount bpffs on the
+    // standard point first, as systemd would have.
+    let mut mounted = false;
+    if !dir.exists() {
+        let standard = Path::new(STANDARD_BPFFS);
+        if dir.starts_with(standard) && standard.is_dir() && !is_bpffs(standard)? {
+            mount_bpffs(standard)?;
+            mounted = true;
+        }
+    }
     std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
         path: dir.into(),
         source,
     })?;
     if is_bpffs(dir)? {
-        return Ok(false);
+        return Ok(mounted);
     }
+    mount_bpffs(dir)?;
+    Ok(true)
+}
+
+/// Where systemd mounts bpffs.
+const STANDARD_BPFFS: &str = "/sys/fs/bpf";
+
+fn mount_bpffs(dir: &Path) -> Result<()> {
     let target = CString::new(dir.as_os_str().as_bytes()).expect("path without NUL");
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call; the
     // data argument may be null for bpffs.
@@ -108,7 +127,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
             source: std::io::Error::last_os_error(),
         });
     }
-    Ok(true)
+    Ok(())
 }
 
 fn is_bpffs(dir: &Path) -> Result<bool> {

@@ -125,6 +125,11 @@ impl OneNode {
         })
     }
 
+    /// The directory the agent follows, for starting another agent on the same node.
+    pub fn manifests_dir(&self) -> &Path {
+        &self.manifests.0
+    }
+
     /// Replaces the manifests the agent follows (atomically: the agent never reads half a file).
     pub fn write_manifests(&self, yaml: &str) -> Result<()> {
         write_atomically(&self.manifests.0, yaml)

@@ -102,6 +102,19 @@ impl ChildGuard {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself (stopping it if it does not) and
+    /// returns its exit status; for processes that are expected to fail fast.
+    pub fn stop_waiting(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.poll_exit() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop().expect("stop the process")
+    }
+
     /// Stops the child as drop does (SIGTERM, SIGKILL after 3 s) and returns how it ended,
     /// for tests that restart a process and keep the guard.
     pub fn stop(&mut self) -> Result<ExitStatus> {

@@ -96,11 +96,12 @@ pub fn test(workspace: &Path) -> Result<()> {
     let debug = target_dir(workspace).join("debug");
     let agent = debug.join("lb-agent");
     let lbctl = debug.join("lbctl");
-    for bin in [&agent, &lbctl] {
+    let cni = debug.join("lb-cni");
+    for bin in [&agent, &lbctl, &cni] {
         if !bin.is_file() {
             bail!(
                 "{} does not exist although `cargo build` succeeded: was the binary renamed? \
-                 (the tests get it through LB_AGENT_BIN / LBCTL_BIN)",
+                 (the tests get it through LB_AGENT_BIN / LBCTL_BIN / LB_CNI_BIN)",
                 bin.display()
             );
         }
@@ -108,6 +109,7 @@ pub fn test(workspace: &Path) -> Result<()> {
     let mut c = cargo(workspace);
     c.env("LB_AGENT_BIN", &agent)
         .env("LBCTL_BIN", &lbctl)
+        .env("LB_CNI_BIN", &cni)
         .args([
             "test",
             "--workspace",

@@ -2,6 +2,7 @@
 mod cargo;
 mod cmd;
 mod demo;
+mod run;
 mod setup;
 mod steps;
 
@@ -48,6 +49,9 @@ enum Task {
     /// Run setup and build, then load-balance requests to a ClusterIP in a throwaway testbed
     /// (needs root)
     Demo,
+    /// Run setup and build, then run lb-agent on this machine against the local kubeconfig (or
+    /// --manifests), logging to the terminal; Ctrl-C detaches it (needs root)
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,16 @@ fn main() -> ExitCode {
                 && steps.run("build", || cargo::build(&workspace, false))
             {
                 steps.run("demo", || demo::demo(&workspace));
+            }
+            steps.finish()
+        }
+        Task::Run(args) => {
+            let mut steps = Steps::new("run");
+            if steps.run("setup", || setup::setup(&workspace))
+                && steps.run("build", || cargo::build(&workspace, args.release))
+            {
+                // Replaces this process on success; returns only if the agent could not start.
+                steps.run("agent", || run::run(&workspace, &args));
             }
             steps.finish()
         }

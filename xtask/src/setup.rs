@@ -18,7 +18,8 @@ const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 /// For the lint step on the host crates (a `--profile minimal` toolchain has neither).
 const ACTIVE_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 /// LLVM 22 development files (bpf-linker links against them; from bookworm-security), and the
-/// tools the data-path tests use: ip, ethtool, nsenter and mount, sysctl.
+/// tools the data-path tests use: ip, ethtool, nsenter and mount, sysctl; the CNI plugins
+/// (`bridge`, `host-local` in /usr/lib/cni) that the lb-cni tests chain after.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
@@ -28,6 +29,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "procps",
+    "containernetworking-plugins",
 ];
 const LLVM_MAJOR: u32 = 22;
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

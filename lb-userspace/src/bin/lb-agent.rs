@@ -13,8 +13,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use lb_userspace::{
     dataplane::{self, bpf::BpfMaps, Writer},
+    health::{self, Health},
     loader, model,
-    sources::manifests::{self, DirWatcher},
+    sources::{
+        feed::{Feed, Snapshot},
+        kube,
+    },
 };
 use tracing::{error, info, warn};
 
@@ -32,33 +36,57 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
     /// This node's name; decides which endpoints are local. Default: the host name.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "LB_NODE_NAME")]
     node_name: Option<String>,
     /// Where maps (and later programs and links) are pinned. A bpffs is mounted there if the
     /// directory is not on one already.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
     bpffs: PathBuf,
-    /// Interface to attach the pod-side tc program to (repeatable). Default: every veth.
+    /// Interface to attach the pod-side tc program to (repeatable), besides the pod interfaces
+    /// --attach-mode and --pod-iface-pattern select.
     #[arg(long = "iface", value_name = "IF")]
     ifaces: Vec<String>,
+    #[command(flatten)]
+    attach: lb_userspace::pod_interfaces::AttachArgs,
     /// cgroup v2 directory for the host-process socket hooks (default: the cgroup2 root).
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
     /// Restrict NodePort addresses to these CIDRs (default: all local addresses).
-    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "CIDR,...",
+        value_delimiter = ',',
+        env = "LB_NODEPORT_ADDRESSES"
+    )]
     nodeport_addresses: Vec<String>,
     /// Serve only objects whose service.kubernetes.io/service-proxy-name label is NAME.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "LB_SERVICE_PROXY_NAME")]
     service_proxy_name: Option<String>,
     /// Conntrack table capacity (entries; two per flow). Applies when the map is first created.
-    #[arg(long, default_value_t = lb_common::map_sizes::CONNTRACK)]
+    #[arg(long, default_value_t = lb_common::map_sizes::CONNTRACK, env = "LB_CONNTRACK_SIZE")]
     conntrack_size: u32,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
+    /// Where /healthz (liveness) and /readyz (ready after the first full sync and apply) are served.
+    #[arg(long, value_name = "ADDR:PORT", default_value = health::DEFAULT_BIND_ADDRESS, env = "LB_HEALTH_BIND_ADDRESS")]
+    health_bind_address: std::net::SocketAddr,
+    /// What happens to the data path when the agent stops. `keep` (default): programs stay
+    /// attached through their pinned links and keep serving from the pinned maps, and a restarted
+    /// agent adopts them, so a restart or upgrade drops nothing; required with lb-cni, whose
+    /// attachments the agent cannot redo. `detach`: remove every pinned attachment and the
+    /// program pin (maps stay), for dev nodes (`cargo xtask run`).
+    #[arg(long, value_enum, default_value_t = OnExit::Keep, env = "LB_ON_EXIT")]
+    on_exit: OnExit,
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LB_LOG_FORMAT")]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnExit {
+    Keep,
+    Detach,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -85,16 +113,8 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let Some(manifests_dir) = args.manifests.clone() else {
-        bail!(
-            "no source given: the Kubernetes API source (--kubeconfig / in-cluster) is not implemented yet; \
-             pass --manifests DIR"
-        );
-    };
-    if args.kubeconfig.is_some() {
-        bail!(
-            "--kubeconfig: the Kubernetes API source is not implemented yet; use --manifests DIR"
-        );
+    if args.manifests.is_some() && args.kubeconfig.is_some() {
+        bail!("--manifests and --kubeconfig both given: pick one source");
     }
     if let Some(cgroup) = &args.cgroup {
         warn!(cgroup = %cgroup.display(), "--cgroup given, but host-process socket hooks are not implemented yet: host processes are not load-balanced");
@@ -114,22 +134,15 @@ fn run(args: Args) -> Result<()> {
     };
 
     let mounted = loader::ensure_bpffs(&args.bpffs)?;
+    // Held until exit: two agents on one pin directory would hand out the same ids.
+    let _pin_lock = lb_userspace::pin_lock::PinDirLock::acquire(&args.bpffs)?;
     info!(bpffs = %args.bpffs.display(), mounted, "pin directory ready");
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
     })?;
-    let ifaces = if args.ifaces.is_empty() {
-        let found = loader::detect_pod_interfaces();
-        info!(?found, "no --iface given: attaching to every veth");
-        found
-    } else {
-        args.ifaces.clone()
-    };
-    for iface in &ifaces {
-        loader::attach_tc(&mut ebpf, iface)?;
-        info!(iface, "attached tc ingress program");
-    }
+    // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.
+    lb_userspace::pod_interfaces::attach(&mut ebpf, &args.bpffs, &args.ifaces, &args.attach)?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut writer = Writer::adopt(&maps)?;
     info!(
@@ -142,67 +155,138 @@ fn run(args: Args) -> Result<()> {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    let node_addresses = local_addresses().context("listing this node's addresses")?;
-    info!(
-        ?node_addresses,
-        "node addresses (NodePort frontends and allowed LB sources)"
-    );
+    let local_node_addresses = local_addresses().context("listing this node's addresses")?;
     warn!("NodePort, LoadBalancer and externalIP frontends are computed but not served yet: only ClusterIP traffic from pods is load-balanced");
-    let config = model::Config {
+    let mut config = model::Config {
         node_name: node_name.clone(),
-        node_addresses,
+        node_addresses: local_node_addresses.clone(),
         nodeport_cidrs,
         service_proxy_name: args.service_proxy_name.clone(),
         zone: None,
     };
-    info!(node = %node_name, manifests = %manifests_dir.display(), "following manifests");
-    let mut watcher = DirWatcher::new(&manifests_dir);
-    let poll = Duration::from_millis(args.poll_interval_ms);
-    while !stop.load(Ordering::Relaxed) {
-        match watcher.changed() {
-            Ok(true) => sync(&manifests_dir, &config, &mut writer, &mut maps),
-            Ok(false) => {}
-            // A vanished directory keeps the last programmed state: never flush on a read error.
-            Err(e) => warn!("{e}; keeping the current state"),
+    let health = Arc::new(Health::default());
+    let health_addr = health::serve(args.health_bind_address, Arc::clone(&health))?;
+    info!(%health_addr, "serving /healthz and /readyz");
+    let feed = match &args.manifests {
+        Some(dir) => {
+            info!(node = %node_name, manifests = %dir.display(), "following manifests");
+            Feed::manifests(dir.clone(), Duration::from_millis(args.poll_interval_ms))
+                .context("starting the manifests source")?
         }
-        std::thread::sleep(poll);
+        None => {
+            let api = kube::api_config(args.kubeconfig.as_deref());
+            info!(node = %node_name, ?api, "watching the Kubernetes API; nothing is applied before the first full sync");
+            kube::start(api, kube::KubeOptions::new(node_name.clone()))?
+        }
+    };
+    // The stop flag is checked at least this often while the source is quiet.
+    let tick = Duration::from_millis(200);
+    // A snapshot whose apply failed, retried after RETRY_AFTER unless a newer one arrives.
+    let mut failed: Option<(Snapshot, Instant)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let snapshot = match feed.next(tick)? {
+            Some(s) => Some(s),
+            None => match failed.take() {
+                Some((s, at)) if at.elapsed() >= RETRY_AFTER => Some(s),
+                other => {
+                    failed = other;
+                    None
+                }
+            },
+        };
+        let Some(snapshot) = snapshot else { continue };
+        // The source's view of this node's addresses (the Node object) wins over interfaces.
+        config.node_addresses = snapshot
+            .node_addresses
+            .clone()
+            .unwrap_or_else(|| local_node_addresses.clone());
+        if sync(&snapshot, &config, &mut writer, &mut maps) {
+            health.set_ready();
+            failed = None;
+        } else {
+            failed = Some((snapshot, Instant::now()));
+        }
     }
-    info!("stopping: detaching programs; maps stay pinned so established flows survive a restart");
+    drop(feed);
+    match args.on_exit {
+        OnExit::Keep => info!(
+            "stopping: the data path stays attached through its pinned links and maps; a restarted agent adopts it"
+        ),
+        OnExit::Detach => {
+            let detached = detach_everything(&args.bpffs);
+            info!(detached, "stopping: detached the pinned attachments (--on-exit detach); maps stay pinned");
+        }
+    }
     drop(ebpf);
     Ok(())
 }
 
-fn sync(dir: &std::path::Path, config: &model::Config, writer: &mut Writer, maps: &mut BpfMaps) {
-    let started = Instant::now();
-    let (objects, doc_warnings) = match manifests::load_dir(dir) {
-        Ok(x) => x,
-        Err(e) => {
-            warn!("{e}; keeping the current state");
-            return;
+/// A failed apply is retried this long after, unless a newer snapshot arrives first.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Removes every pinned attachment and the program pin; returns how many interfaces it detached.
+fn detach_everything(bpffs: &std::path::Path) -> usize {
+    use lb_userspace::attach;
+    let mut detached = 0;
+    match attach::pinned_interfaces(bpffs) {
+        Ok(ifaces) => {
+            for iface in ifaces {
+                match attach::detach_pinned(bpffs, &iface) {
+                    Ok(true) => detached += 1,
+                    Ok(false) => {}
+                    Err(e) => warn!(iface, "detaching: {e}"),
+                }
+            }
         }
-    };
-    for w in &doc_warnings {
-        warn!("manifest {w}");
+        Err(e) => warn!("listing pinned attachments: {e}"),
     }
-    let (model, warnings) = model::build(&objects, config);
+    if let Err(e) = std::fs::remove_file(attach::program_pin_path(bpffs)) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("removing the program pin: {e}");
+        }
+    }
+    detached
+}
+
+/// Applies one snapshot; true when the maps now hold it.
+fn sync(
+    snapshot: &Snapshot,
+    config: &model::Config,
+    writer: &mut Writer,
+    maps: &mut BpfMaps,
+) -> bool {
+    let started = Instant::now();
+    for w in &snapshot.warnings {
+        warn!("{w}");
+    }
+    let objects = &snapshot.objects;
+    let (model, warnings) = model::build(objects, config);
     for w in &warnings {
         warn!("{w}");
     }
     let desired = dataplane::desired(&model);
     match writer.apply(maps, &desired) {
-        Ok(stats) => info!(
-            services = objects.services.len(),
-            slices = objects.endpoint_slices.len(),
-            service_ports = model.service_ports.len(),
-            frontends = desired.len(),
-            changed = stats.frontends_changed,
-            removed = stats.frontends_removed,
-            backends_added = stats.backends_added,
-            backends_removed = stats.backends_removed,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "maps programmed"
-        ),
-        Err(e) => error!("programming maps failed: {e}; will retry on the next change"),
+        Ok(stats) => {
+            info!(
+                services = objects.services.len(),
+                slices = objects.endpoint_slices.len(),
+                service_ports = model.service_ports.len(),
+                frontends = desired.len(),
+                changed = stats.frontends_changed,
+                removed = stats.frontends_removed,
+                backends_added = stats.backends_added,
+                backends_removed = stats.backends_removed,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "maps programmed"
+            );
+            true
+        }
+        Err(e) => {
+            error!(
+                "programming maps failed: {e}; retrying in {RETRY_AFTER:?} or on the next change"
+            );
+            false
+        }
     }
 }
 

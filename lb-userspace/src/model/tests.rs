@@ -590,8 +590,14 @@ fn itp_local_without_local_endpoint_drops() {
 
 #[test]
 fn hairpin_flow_from_an_endpoint_to_itself_is_masqueraded() {
-    assert!(needs_hairpin_masquerade("198.18.1.1".parse().unwrap(), sa("198.18.1.1:8080")));
-    assert!(!needs_hairpin_masquerade("198.18.1.2".parse().unwrap(), sa("198.18.1.1:8080")));
+    assert!(needs_hairpin_masquerade(
+        "198.18.1.1".parse().unwrap(),
+        sa("198.18.1.1:8080")
+    ));
+    assert!(!needs_hairpin_masquerade(
+        "198.18.1.2".parse().unwrap(),
+        sa("198.18.1.1:8080")
+    ));
 }
 
 // ---- NodePort addresses ---------------------------------------------------------------------

@@ -1,4 +1,6 @@
 //! Where Services and EndpointSlices come from. Every source produces the same [`Objects`] snapshot.
+pub mod feed;
+pub mod kube;
 pub mod manifests;
 
 use k8s_openapi::api::{

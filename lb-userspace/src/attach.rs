@@ -1,0 +1,519 @@
+//! Attachments of the tc program to pod interfaces that outlive the process that made them.
+//!
+//! Layout under the agent's bpffs directory:
+//!
+//! ```text
+//! <bpffs>/progs/lb_tc_ingress   the loaded tc program, pinned by the agent at every start
+//! <bpffs>/links/<ifname>        one pinned TCX ingress link per attached interface
+//! ```
+//!
+//! A TCX link is detached when its last reference goes: the pin is that reference, so a link
+//! made by a short-lived process (`lb-cni`) stays attached after it exits, and removing the pin
+//! detaches it. The agent and `lb-cni` both go through [`attach_pinned`], which creates the pin
+//! under an exclusive lock on `links/` after checking for one: whoever comes first attaches, the
+//! other finds the pin and leaves the interface alone, so an interface never runs the program
+//! twice. Pins are named after the host interface (readable in `ls`), and every use checks that
+//! the pinned link is still attached to the interface of that name (same ifindex): names are
+//! reused when pods come and go, and the kernel detaches a TCX link when its interface vanishes.
+use std::{
+    ffi::CString,
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    pin::PinError,
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+};
+use lb_common::program_names;
+
+/// Directory (under the bpffs dir) of the pinned program.
+pub const PROGRAM_PIN_DIR: &str = "progs";
+/// Directory (under the bpffs dir) of the pinned links, one per interface.
+pub const LINK_PIN_DIR: &str = "links";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "the tc program is not pinned at {path}: the agent is not running (or has not started \
+         yet) with --bpffs {bpffs}"
+    )]
+    ProgramPinMissing { path: PathBuf, bpffs: PathBuf },
+    #[error("opening the pinned program {path}: {source}")]
+    OpenProgramPin { path: PathBuf, source: ProgramError },
+    #[error("pinning the tc program at {path}: {source}")]
+    PinProgram { path: PathBuf, source: PinError },
+    #[error("replacing the program pin {path}: {source}")]
+    ReplaceProgramPin { path: PathBuf, source: io::Error },
+    #[error("creating {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("locking {path}: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("interface {iface} does not exist")]
+    NoInterface { iface: String },
+    #[error(
+        "pinned links need TCX (Linux 6.6 or later); this kernel is {kernel}: attach with the \
+         agent's --iface instead, which falls back to netlink tc filters"
+    )]
+    TcxUnsupported { kernel: String },
+    #[error("attaching {program} to tc ingress of {iface} (TCX): {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        source: ProgramError,
+    },
+    #[error("pinning the TCX link of {iface} at {path}: {source}")]
+    PinLink {
+        iface: String,
+        path: PathBuf,
+        source: PinError,
+    },
+    #[error("the link made for {iface} is not a TCX link: {source}")]
+    NotTcxLink { iface: String, source: LinkError },
+    #[error("reading the pinned link {path}: {source}")]
+    ReadLink { path: PathBuf, source: io::Error },
+    #[error("removing the pinned link {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+    #[error("pointing the pinned link {path} at the new program: {source}")]
+    UpdateLink { path: PathBuf, source: ProgramError },
+    #[error("opening the pinned link {path}: {source}")]
+    OpenLink { path: PathBuf, source: LinkError },
+    #[error("listing {path}: {source}")]
+    ListLinks { path: PathBuf, source: io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `<bpffs>/progs/lb_tc_ingress`.
+pub fn program_pin_path(bpffs: &Path) -> PathBuf {
+    bpffs.join(PROGRAM_PIN_DIR).join(program_names::TC_INGRESS)
+}
+
+/// `<bpffs>/links/<ifname>`, with `.` written as `:`: bpffs refuses names containing a dot
+/// (VLAN interfaces have one), and `:` cannot occur in an interface name.
+pub fn link_pin_path(bpffs: &Path, iface: &str) -> PathBuf {
+    bpffs.join(LINK_PIN_DIR).join(iface.replace('.', ":"))
+}
+
+/// Whether this kernel has TCX (6.6+), which pinned links need.
+pub fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// Pins the agent's freshly loaded program at [`program_pin_path`], replacing an earlier agent's
+/// pin atomically: pin under a temporary name, then rename over the old one, so `lb-cni` never
+/// finds the path missing while an agent restarts.
+pub fn pin_program(program: &mut SchedClassifier, bpffs: &Path) -> Result<PathBuf> {
+    let dir = bpffs.join(PROGRAM_PIN_DIR);
+    create_dir(&dir)?;
+    let path = program_pin_path(bpffs);
+    // No dot in the name: bpffs refuses those.
+    let tmp = dir.join(format!(
+        "{}-new-{}",
+        program_names::TC_INGRESS,
+        std::process::id()
+    ));
+    // A leftover from a killed agent with the same pid would make the pin fail with EEXIST.
+    let _ = std::fs::remove_file(&tmp);
+    program.pin(&tmp).map_err(|source| Error::PinProgram {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::ReplaceProgramPin {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(path)
+}
+
+/// Opens the program the agent pinned (what `lb-cni` attaches).
+pub fn pinned_program(bpffs: &Path) -> Result<SchedClassifier> {
+    let path = program_pin_path(bpffs);
+    if !path.exists() {
+        return Err(Error::ProgramPinMissing {
+            path,
+            bpffs: bpffs.into(),
+        });
+    }
+    SchedClassifier::from_pin(&path).map_err(|source| Error::OpenProgramPin { path, source })
+}
+
+/// What [`attach_pinned`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachOutcome {
+    /// A new link was made and pinned.
+    Attached,
+    /// A pinned link already attaches the program to this interface; nothing was changed.
+    AlreadyAttached,
+}
+
+/// Attaches `program` to the TCX ingress of `iface` and pins the link at
+/// [`link_pin_path`], unless a pinned link already serves this interface. A pin of the same name
+/// that serves another interface (the name was reused, or the interface is gone) is replaced.
+pub fn attach_pinned(
+    program: &mut SchedClassifier,
+    bpffs: &Path,
+    iface: &str,
+) -> Result<AttachOutcome> {
+    if !tcx_supported() {
+        return Err(Error::TcxUnsupported {
+            kernel: KernelVersion::current()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})")),
+        });
+    }
+    let _lock = LinksLock::acquire(bpffs)?;
+    let ifindex = ifindex(iface).ok_or_else(|| Error::NoInterface {
+        iface: iface.into(),
+    })?;
+    let path = link_pin_path(bpffs, iface);
+    if let Some(existing) = read_pinned_link(&path)? {
+        if existing.ifindex == ifindex && existing.is_tcx_ingress() {
+            return Ok(AttachOutcome::AlreadyAttached);
+        }
+        // The name belongs to another interface now. A link of a vanished interface is already
+        // detached; one of a live (renamed) interface would keep running unpinned here, so it
+        // is detached too: the owner of that interface re-attaches under its current name.
+        unpin(&path)?;
+    }
+    let link_id = program
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| Error::Attach {
+            program: program_names::TC_INGRESS,
+            iface: iface.into(),
+            source,
+        })?;
+    let link = program.take_link(link_id).map_err(|source| Error::Attach {
+        program: program_names::TC_INGRESS,
+        iface: iface.into(),
+        source,
+    })?;
+    let fd_link = FdLink::try_from(link).map_err(|source| Error::NotTcxLink {
+        iface: iface.into(),
+        source,
+    })?;
+    // Dropping the returned PinnedLink closes our descriptor: from now on the pin alone holds
+    // the link, so removing it detaches at once.
+    fd_link.pin(&path).map_err(|source| Error::PinLink {
+        iface: iface.into(),
+        path,
+        source,
+    })?;
+    Ok(AttachOutcome::Attached)
+}
+
+/// Removes the pin of `iface`, which detaches it. Returns whether there was one; a missing
+/// bpffs directory or pin is not an error (DEL must tolerate what is already gone).
+pub fn detach_pinned(bpffs: &Path, iface: &str) -> Result<bool> {
+    if !bpffs.join(LINK_PIN_DIR).is_dir() {
+        return Ok(false);
+    }
+    let _lock = LinksLock::acquire(bpffs)?;
+    unpin(&link_pin_path(bpffs, iface))
+}
+
+/// The state of an interface's attachment, as CHECK reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attachment {
+    /// The pinned link attaches a program to this interface's TCX ingress.
+    Attached { program_id: u32 },
+    /// No attachment: the reason says which part is missing.
+    Missing(String),
+}
+
+/// Whether `iface` is attached through its pin.
+pub fn check_pinned(bpffs: &Path, iface: &str) -> Result<Attachment> {
+    let path = link_pin_path(bpffs, iface);
+    let Some(ifindex) = ifindex(iface) else {
+        return Ok(Attachment::Missing(format!(
+            "interface {iface} does not exist"
+        )));
+    };
+    match read_pinned_link(&path)? {
+        None => Ok(Attachment::Missing(format!(
+            "no pinned link at {}",
+            path.display()
+        ))),
+        Some(link) if link.ifindex == 0 => Ok(Attachment::Missing(format!(
+            "the link pinned at {} is no longer attached to any interface",
+            path.display()
+        ))),
+        Some(link) if link.ifindex != ifindex || !link.is_tcx_ingress() => {
+            Ok(Attachment::Missing(format!(
+                "the link pinned at {} is attached to ifindex {} (attach type {}), not to the \
+                 tc ingress of {iface} (ifindex {ifindex})",
+                path.display(),
+                link.ifindex,
+                link.attach_type
+            )))
+        }
+        Some(link) => Ok(Attachment::Attached {
+            program_id: link.program_id,
+        }),
+    }
+}
+
+/// Removes the pin of `iface` if its link no longer serves that interface (it vanished, or the
+/// name now belongs to another one). Returns whether a pin was removed.
+pub fn remove_if_stale(bpffs: &Path, iface: &str) -> Result<bool> {
+    if !bpffs.join(LINK_PIN_DIR).is_dir() {
+        return Ok(false);
+    }
+    let _lock = LinksLock::acquire(bpffs)?;
+    let path = link_pin_path(bpffs, iface);
+    match read_pinned_link(&path)? {
+        Some(link) if link.ifindex == 0 || ifindex(iface) != Some(link.ifindex) => unpin(&path),
+        _ => Ok(false),
+    }
+}
+
+/// Removes every pin whose link no longer serves the interface it is named after; returns the
+/// names removed. Interfaces vanish without a DEL (a node reboot of the runtime, a crash), so
+/// DEL and the agent sweep.
+pub fn sweep_stale(bpffs: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for iface in pinned_interfaces(bpffs)? {
+        if remove_if_stale(bpffs, &iface)? {
+            removed.push(iface);
+        }
+    }
+    Ok(removed)
+}
+
+/// Names of the interfaces with a pin under `links/`.
+pub fn pinned_interfaces(bpffs: &Path) -> Result<Vec<String>> {
+    let dir = bpffs.join(LINK_PIN_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::ListLinks { path: dir, source }),
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().replace(':', "."))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Points every live pinned link at `program` (a restarted agent's new program) in one
+/// `BPF_LINK_UPDATE` each, so upgrades never leave an interface without the program, and removes
+/// the pins of links that are no longer attached. Returns how many links were updated.
+pub fn adopt_pinned_links(program: &mut SchedClassifier, bpffs: &Path) -> Result<usize> {
+    sweep_stale(bpffs)?;
+    let _lock = LinksLock::acquire(bpffs)?;
+    let mut updated = 0;
+    for iface in pinned_interfaces(bpffs)? {
+        let path = link_pin_path(bpffs, &iface);
+        let update_error = |source| Error::UpdateLink {
+            path: path.clone(),
+            source,
+        };
+        let pinned = match PinnedLink::from_pin(&path) {
+            Ok(pinned) => pinned,
+            // Removed since we listed it.
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                continue
+            }
+            Err(source) => return Err(Error::OpenLink { path, source }),
+        };
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+            Error::OpenLink {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let id = program.attach_to_link(link).map_err(update_error)?;
+        // Drop our descriptor: the pin keeps the link.
+        drop(program.take_link(id).map_err(update_error)?);
+        updated += 1;
+    }
+    Ok(updated)
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+        path: dir.into(),
+        source,
+    })
+}
+
+fn unpin(path: &Path) -> Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(Error::Unpin {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// The ifindex of `iface` in the calling thread's network namespace.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// An exclusive `flock` on the `links/` directory, held while a pin is checked and created, so
+/// the agent and `lb-cni` (and parallel `lb-cni` runs) cannot both attach one interface.
+struct LinksLock {
+    /// Closing the descriptor releases the lock.
+    _dir: File,
+}
+
+impl LinksLock {
+    fn acquire(bpffs: &Path) -> Result<LinksLock> {
+        let dir = bpffs.join(LINK_PIN_DIR);
+        create_dir(&dir)?;
+        let lock_error = |source| Error::Lock {
+            path: dir.clone(),
+            source,
+        };
+        let file = File::open(&dir).map_err(lock_error)?;
+        loop {
+            // SAFETY: flock on a descriptor we own; it only blocks.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(LinksLock { _dir: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(lock_error(e));
+            }
+        }
+    }
+}
+
+/// What the kernel says about a pinned link (`struct bpf_link_info`, TCX part).
+#[derive(Debug, Clone, Copy)]
+struct PinnedLinkInfo {
+    link_type: u32,
+    program_id: u32,
+    /// 0 once the interface is gone (the kernel detached the link).
+    ifindex: u32,
+    attach_type: u32,
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+const BPF_TCX_INGRESS: u32 = 46;
+
+impl PinnedLinkInfo {
+    fn is_tcx_ingress(&self) -> bool {
+        self.link_type == BPF_LINK_TYPE_TCX && self.attach_type == BPF_TCX_INGRESS
+    }
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info`: type, id, prog_id, then a union (8-byte aligned) whose TCX member is
+/// `{ifindex, attach_type}`; the tail covers the larger members, which the kernel may fill.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoBuf {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    tcx_ifindex: u32,
+    tcx_attach_type: u32,
+    _tail: [u64; 14],
+}
+
+/// Reads the pinned link at `path`; `None` if there is no pin. aya's `LinkInfo` exposes neither
+/// the ifindex nor the attach type, which is what tells a live attachment from a dead one.
+fn read_pinned_link(path: &Path) -> Result<Option<PinnedLinkInfo>> {
+    let read_error = |source| Error::ReadLink {
+        path: path.into(),
+        source,
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| read_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let get = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: BPF_OBJ_GET reads `get` (size given) and the NUL-terminated path it points to,
+    // both alive for the call; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGetAttr,
+            size_of::<ObjGetAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::NotFound {
+            return Ok(None);
+        }
+        return Err(read_error(e));
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = LinkInfoBuf::default();
+    let attr = InfoByFdAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfoBuf>() as u32,
+        info: &mut info as *mut LinkInfoBuf as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which we own and which
+    // outlives the call; `fd` stays open until after it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFdAttr,
+            size_of::<InfoByFdAttr>() as u32,
+        )
+    };
+    if rc != 0 {
+        // EINVAL here means the pin is not a link (a map or a program pinned by mistake).
+        return Err(read_error(io::Error::last_os_error()));
+    }
+    Ok(Some(PinnedLinkInfo {
+        link_type: info.link_type,
+        program_id: info.prog_id,
+        ifindex: info.tcx_ifindex,
+        attach_type: info.tcx_attach_type,
+    }))
+}
