@@ -62,6 +62,9 @@ pub const BPF_F_NO_PREALLOC: u32 = 1;
 pub mod program_names {
     /// tc ingress on pod-facing interfaces: service lookup, DNAT and reverse NAT.
     pub const TC_INGRESS: &str = "lb_tc_ingress";
+    /// tc egress on pod-facing interfaces: reverse NAT of replies that reach a client pod from
+    /// anywhere, in particular from backends on other nodes (they arrive through the uplink).
+    pub const TC_EGRESS: &str = "lb_tc_egress";
 }
 
 /// `skb->mark` of a packet synthesized by `lbctl trace` and run through BPF_PROG_TEST_RUN. The

@@ -129,6 +129,24 @@ fn count(rev_nat_id: u16, backend_id: u32, len: u64, dir: Direction, new_flow: b
     add(BACKEND_STATS.get_ptr_mut(backend_id), len, dir, new_flow);
 }
 
+/// Reverse NAT only: the last hop before a client pod. A reply of a flow this node translated
+/// gets its frontend back as source, wherever the backend is; everything else passes.
+#[inline(always)]
+pub fn process_reply(flow: &Flow, len: u64) -> Verdict {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(ct_key(flow, CT_DIR_REPLY)) {
+        // SAFETY: see `refresh`; the value is copied out.
+        let v = unsafe { *entry };
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        refresh(entry, unsafe { bpf_ktime_get_ns() }, flow);
+        count(v.rev_nat_id, v.backend_id, len, Direction::Out, false);
+        return Verdict::RevNat {
+            addr: v.nat_addr,
+            port: v.nat_port,
+        };
+    }
+    Verdict::Pass
+}
+
 /// Decides what to do with one packet of `len` bytes and, when `record` is set (always, except
 /// for `lbctl trace` packets), records the flow state and counters.
 #[inline(always)]

@@ -116,3 +116,35 @@ fn rewrite(
     }
     Ok(())
 }
+
+/// tc (TCX) egress on pod-facing interfaces: replies on their way into a client pod. Replies from
+/// a backend on this node were already translated at that backend's ingress and pass here
+/// untouched; replies from backends on other nodes enter through the uplink, where nothing
+/// translates them, and get their frontend back here.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    match try_lb_tc_egress(&ctx) {
+        Ok(action) => action,
+        Err(_) => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn try_lb_tc_egress(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(flow) = packet::parse(ctx) else {
+        return Ok(TC_ACT_OK);
+    };
+    if let Verdict::RevNat { addr, port } = lb::process_reply(&flow, ctx.len() as u64) {
+        rewrite(
+            ctx,
+            &flow,
+            IP_SRC_OFF,
+            flow.src_addr,
+            addr,
+            flow.l4_off,
+            flow.src_port,
+            port,
+        )?;
+    }
+    Ok(TC_ACT_OK)
+}

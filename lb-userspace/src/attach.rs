@@ -3,9 +3,13 @@
 //! Layout under the agent's bpffs directory:
 //!
 //! ```text
-//! <bpffs>/progs/lb_tc_ingress   the loaded tc program, pinned by the agent at every start
-//! <bpffs>/links/<ifname>        one pinned TCX ingress link per attached interface
+//! <bpffs>/progs/lb_tc_ingress         the loaded tc programs, pinned by the agent at every start
+//! <bpffs>/progs/lb_tc_egress
+//! <bpffs>/links/<ifname>              one pinned TCX ingress link per attached interface
+//! <bpffs>/links-egress/<ifname>       and one egress link (reverse NAT of replies into the pod)
 //! ```
+//!
+//! An interface counts as attached only with both links; every function here handles the pair.
 //!
 //! A TCX link is detached when its last reference goes: the pin is that reference, so a link
 //! made by a short-lived process (`lb-cni`) stays attached after it exits, and removing the pin
@@ -39,8 +43,57 @@ use lb_common::program_names;
 
 /// Directory (under the bpffs dir) of the pinned program.
 pub const PROGRAM_PIN_DIR: &str = "progs";
-/// Directory (under the bpffs dir) of the pinned links, one per interface.
+/// Directory (under the bpffs dir) of the pinned ingress links, one per interface.
 pub const LINK_PIN_DIR: &str = "links";
+/// Directory (under the bpffs dir) of the pinned egress links, one per interface.
+pub const EGRESS_LINK_PIN_DIR: &str = "links-egress";
+
+/// One of the two attachments of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    const BOTH: [Hook; 2] = [Hook::Ingress, Hook::Egress];
+
+    fn program_name(self) -> &'static str {
+        match self {
+            Hook::Ingress => program_names::TC_INGRESS,
+            Hook::Egress => program_names::TC_EGRESS,
+        }
+    }
+
+    fn link_dir(self) -> &'static str {
+        match self {
+            Hook::Ingress => LINK_PIN_DIR,
+            Hook::Egress => EGRESS_LINK_PIN_DIR,
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::Ingress => TcAttachType::Ingress,
+            Hook::Egress => TcAttachType::Egress,
+        }
+    }
+
+    fn kernel_attach_type(self) -> u32 {
+        match self {
+            Hook::Ingress => BPF_TCX_INGRESS,
+            Hook::Egress => BPF_TCX_EGRESS,
+        }
+    }
+
+    fn link_pin_path(self, bpffs: &Path, iface: &str) -> PathBuf {
+        bpffs.join(self.link_dir()).join(iface.replace('.', ":"))
+    }
+
+    fn program_pin_path(self, bpffs: &Path) -> PathBuf {
+        bpffs.join(PROGRAM_PIN_DIR).join(self.program_name())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,7 +119,7 @@ pub enum Error {
          agent's --iface instead, which falls back to netlink tc filters"
     )]
     TcxUnsupported { kernel: String },
-    #[error("attaching {program} to tc ingress of {iface} (TCX): {source}")]
+    #[error("attaching {program} to tc of {iface} (TCX): {source}")]
     Attach {
         program: &'static str,
         iface: String,
@@ -96,13 +149,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `<bpffs>/progs/lb_tc_ingress`.
 pub fn program_pin_path(bpffs: &Path) -> PathBuf {
-    bpffs.join(PROGRAM_PIN_DIR).join(program_names::TC_INGRESS)
+    Hook::Ingress.program_pin_path(bpffs)
+}
+
+/// `<bpffs>/progs/lb_tc_egress`.
+pub fn egress_program_pin_path(bpffs: &Path) -> PathBuf {
+    Hook::Egress.program_pin_path(bpffs)
 }
 
 /// `<bpffs>/links/<ifname>`, with `.` written as `:`: bpffs refuses names containing a dot
 /// (VLAN interfaces have one), and `:` cannot occur in an interface name.
 pub fn link_pin_path(bpffs: &Path, iface: &str) -> PathBuf {
-    bpffs.join(LINK_PIN_DIR).join(iface.replace('.', ":"))
+    Hook::Ingress.link_pin_path(bpffs, iface)
 }
 
 /// Whether this kernel has TCX (6.6+), which pinned links need.
@@ -114,13 +172,22 @@ pub fn tcx_supported() -> bool {
 /// pin atomically: pin under a temporary name, then rename over the old one, so `lb-cni` never
 /// finds the path missing while an agent restarts.
 pub fn pin_program(program: &mut SchedClassifier, bpffs: &Path) -> Result<PathBuf> {
+    pin_hook_program(program, bpffs, Hook::Ingress)
+}
+
+/// Pins the agent's egress program at [`egress_program_pin_path`], as [`pin_program`] does.
+pub fn pin_egress_program(program: &mut SchedClassifier, bpffs: &Path) -> Result<PathBuf> {
+    pin_hook_program(program, bpffs, Hook::Egress)
+}
+
+fn pin_hook_program(program: &mut SchedClassifier, bpffs: &Path, hook: Hook) -> Result<PathBuf> {
     let dir = bpffs.join(PROGRAM_PIN_DIR);
     create_dir(&dir)?;
-    let path = program_pin_path(bpffs);
+    let path = hook.program_pin_path(bpffs);
     // No dot in the name: bpffs refuses those.
     let tmp = dir.join(format!(
         "{}-new-{}",
-        program_names::TC_INGRESS,
+        hook.program_name(),
         std::process::id()
     ));
     // A leftover from a killed agent with the same pid would make the pin fail with EEXIST.
@@ -141,7 +208,11 @@ pub fn pin_program(program: &mut SchedClassifier, bpffs: &Path) -> Result<PathBu
 
 /// Opens the program the agent pinned (what `lb-cni` attaches).
 pub fn pinned_program(bpffs: &Path) -> Result<SchedClassifier> {
-    let path = program_pin_path(bpffs);
+    pinned_hook_program(bpffs, Hook::Ingress)
+}
+
+fn pinned_hook_program(bpffs: &Path, hook: Hook) -> Result<SchedClassifier> {
+    let path = hook.program_pin_path(bpffs);
     if !path.exists() {
         return Err(Error::ProgramPinMissing {
             path,
@@ -160,9 +231,11 @@ pub enum AttachOutcome {
     AlreadyAttached,
 }
 
-/// Attaches `program` to the TCX ingress of `iface` and pins the link at
-/// [`link_pin_path`], unless a pinned link already serves this interface. A pin of the same name
-/// that serves another interface (the name was reused, or the interface is gone) is replaced.
+/// Attaches `program` to the TCX ingress of `iface` and the agent's pinned egress program to its
+/// egress, pinning both links ([`link_pin_path`] and its `links-egress` twin), unless pinned
+/// links already serve this interface. A pin of the same name that serves another interface (the
+/// name was reused, or the interface is gone) is replaced. Returns `Attached` when either link
+/// had to be made.
 pub fn attach_pinned(
     program: &mut SchedClassifier,
     bpffs: &Path,
@@ -179,9 +252,29 @@ pub fn attach_pinned(
     let ifindex = ifindex(iface).ok_or_else(|| Error::NoInterface {
         iface: iface.into(),
     })?;
-    let path = link_pin_path(bpffs, iface);
+    let ingress = attach_hook(program, bpffs, iface, ifindex, Hook::Ingress)?;
+    let mut egress_program = pinned_hook_program(bpffs, Hook::Egress)?;
+    let egress = attach_hook(&mut egress_program, bpffs, iface, ifindex, Hook::Egress)?;
+    Ok(
+        if ingress == AttachOutcome::Attached || egress == AttachOutcome::Attached {
+            AttachOutcome::Attached
+        } else {
+            AttachOutcome::AlreadyAttached
+        },
+    )
+}
+
+/// One link of [`attach_pinned`]; the caller holds the links lock.
+fn attach_hook(
+    program: &mut SchedClassifier,
+    bpffs: &Path,
+    iface: &str,
+    ifindex: u32,
+    hook: Hook,
+) -> Result<AttachOutcome> {
+    let path = hook.link_pin_path(bpffs, iface);
     if let Some(existing) = read_pinned_link(&path)? {
-        if existing.ifindex == ifindex && existing.is_tcx_ingress() {
+        if existing.ifindex == ifindex && existing.is_tcx(hook) {
             return Ok(AttachOutcome::AlreadyAttached);
         }
         // The name belongs to another interface now. A link of a vanished interface is already
@@ -189,19 +282,20 @@ pub fn attach_pinned(
         // is detached too: the owner of that interface re-attaches under its current name.
         unpin(&path)?;
     }
+    create_dir(&bpffs.join(hook.link_dir()))?;
     let link_id = program
         .attach_with_options(
             iface,
-            TcAttachType::Ingress,
+            hook.attach_type(),
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(|source| Error::Attach {
-            program: program_names::TC_INGRESS,
+            program: hook.program_name(),
             iface: iface.into(),
             source,
         })?;
     let link = program.take_link(link_id).map_err(|source| Error::Attach {
-        program: program_names::TC_INGRESS,
+        program: hook.program_name(),
         iface: iface.into(),
         source,
     })?;
@@ -226,7 +320,11 @@ pub fn detach_pinned(bpffs: &Path, iface: &str) -> Result<bool> {
         return Ok(false);
     }
     let _lock = LinksLock::acquire(bpffs)?;
-    unpin(&link_pin_path(bpffs, iface))
+    let mut removed = false;
+    for hook in Hook::BOTH {
+        removed |= unpin(&hook.link_pin_path(bpffs, iface))?;
+    }
+    Ok(removed)
 }
 
 /// The state of an interface's attachment, as CHECK reports it.
@@ -238,36 +336,50 @@ pub enum Attachment {
     Missing(String),
 }
 
-/// Whether `iface` is attached through its pin.
+/// Whether `iface` is attached through its pins (both links).
 pub fn check_pinned(bpffs: &Path, iface: &str) -> Result<Attachment> {
-    let path = link_pin_path(bpffs, iface);
     let Some(ifindex) = ifindex(iface) else {
         return Ok(Attachment::Missing(format!(
             "interface {iface} does not exist"
         )));
     };
-    match read_pinned_link(&path)? {
-        None => Ok(Attachment::Missing(format!(
-            "no pinned link at {}",
-            path.display()
-        ))),
-        Some(link) if link.ifindex == 0 => Ok(Attachment::Missing(format!(
-            "the link pinned at {} is no longer attached to any interface",
-            path.display()
-        ))),
-        Some(link) if link.ifindex != ifindex || !link.is_tcx_ingress() => {
-            Ok(Attachment::Missing(format!(
-                "the link pinned at {} is attached to ifindex {} (attach type {}), not to the \
-                 tc ingress of {iface} (ifindex {ifindex})",
-                path.display(),
-                link.ifindex,
-                link.attach_type
-            )))
+    let mut program_id = 0;
+    for hook in Hook::BOTH {
+        let path = hook.link_pin_path(bpffs, iface);
+        let direction = match hook {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        };
+        match read_pinned_link(&path)? {
+            None => {
+                return Ok(Attachment::Missing(format!(
+                    "no pinned {direction} link at {}",
+                    path.display()
+                )))
+            }
+            Some(link) if link.ifindex == 0 => {
+                return Ok(Attachment::Missing(format!(
+                    "the link pinned at {} is no longer attached to any interface",
+                    path.display()
+                )))
+            }
+            Some(link) if link.ifindex != ifindex || !link.is_tcx(hook) => {
+                return Ok(Attachment::Missing(format!(
+                    "the link pinned at {} is attached to ifindex {} (attach type {}), not to the \
+                     tc {direction} of {iface} (ifindex {ifindex})",
+                    path.display(),
+                    link.ifindex,
+                    link.attach_type
+                )))
+            }
+            Some(link) => {
+                if hook == Hook::Ingress {
+                    program_id = link.program_id;
+                }
+            }
         }
-        Some(link) => Ok(Attachment::Attached {
-            program_id: link.program_id,
-        }),
     }
+    Ok(Attachment::Attached { program_id })
 }
 
 /// Removes the pin of `iface` if its link no longer serves that interface (it vanished, or the
@@ -277,11 +389,17 @@ pub fn remove_if_stale(bpffs: &Path, iface: &str) -> Result<bool> {
         return Ok(false);
     }
     let _lock = LinksLock::acquire(bpffs)?;
-    let path = link_pin_path(bpffs, iface);
-    match read_pinned_link(&path)? {
-        Some(link) if link.ifindex == 0 || ifindex(iface) != Some(link.ifindex) => unpin(&path),
-        _ => Ok(false),
+    let mut removed = false;
+    for hook in Hook::BOTH {
+        let path = hook.link_pin_path(bpffs, iface);
+        removed |= match read_pinned_link(&path)? {
+            Some(link) if link.ifindex == 0 || ifindex(iface) != Some(link.ifindex) => {
+                unpin(&path)?
+            }
+            _ => false,
+        };
     }
+    Ok(removed)
 }
 
 /// Removes every pin whose link no longer serves the interface it is named after; returns the
@@ -297,20 +415,28 @@ pub fn sweep_stale(bpffs: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Names of the interfaces with a pin under `links/`.
+/// Names of the interfaces with a pin under `links/` or `links-egress/`.
 pub fn pinned_interfaces(bpffs: &Path) -> Result<Vec<String>> {
-    let dir = bpffs.join(LINK_PIN_DIR);
+    let mut names = Vec::new();
+    for hook in Hook::BOTH {
+        names.extend(pinned_in(bpffs, hook)?);
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+fn pinned_in(bpffs: &Path, hook: Hook) -> Result<Vec<String>> {
+    let dir = bpffs.join(hook.link_dir());
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(Error::ListLinks { path: dir, source }),
     };
-    let mut names: Vec<String> = entries
+    Ok(entries
         .flatten()
         .map(|e| e.file_name().to_string_lossy().replace(':', "."))
-        .collect();
-    names.sort();
-    Ok(names)
+        .collect())
 }
 
 /// Points every live pinned link at `program` (a restarted agent's new program) in one
@@ -319,9 +445,19 @@ pub fn pinned_interfaces(bpffs: &Path) -> Result<Vec<String>> {
 pub fn adopt_pinned_links(program: &mut SchedClassifier, bpffs: &Path) -> Result<usize> {
     sweep_stale(bpffs)?;
     let _lock = LinksLock::acquire(bpffs)?;
+    let mut updated = adopt_hook(program, bpffs, Hook::Ingress)?;
+    if !pinned_in(bpffs, Hook::Egress)?.is_empty() {
+        let mut egress = pinned_hook_program(bpffs, Hook::Egress)?;
+        updated += adopt_hook(&mut egress, bpffs, Hook::Egress)?;
+    }
+    Ok(updated)
+}
+
+/// Points the live pinned links of one hook at `program`; the caller holds the links lock.
+fn adopt_hook(program: &mut SchedClassifier, bpffs: &Path, hook: Hook) -> Result<usize> {
     let mut updated = 0;
-    for iface in pinned_interfaces(bpffs)? {
-        let path = link_pin_path(bpffs, &iface);
+    for iface in pinned_in(bpffs, hook)? {
+        let path = hook.link_pin_path(bpffs, &iface);
         let update_error = |source| Error::UpdateLink {
             path: path.clone(),
             source,
@@ -417,10 +553,11 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
 
 impl PinnedLinkInfo {
-    fn is_tcx_ingress(&self) -> bool {
-        self.link_type == BPF_LINK_TYPE_TCX && self.attach_type == BPF_TCX_INGRESS
+    fn is_tcx(&self, hook: Hook) -> bool {
+        self.link_type == BPF_LINK_TYPE_TCX && self.attach_type == hook.kernel_attach_type()
     }
 }
 

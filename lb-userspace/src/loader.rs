@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     maps::MapData,
-    programs::{tc::SchedClassifierLinkId, SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -70,7 +70,7 @@ pub enum Error {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("attaching {name} to tc ingress of {iface}: {source}")]
+    #[error("attaching {name} to tc of {iface}: {source}")]
     Attach {
         name: &'static str,
         iface: String,
@@ -241,7 +241,20 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
             name: program_names::TC_INGRESS,
             source,
         })?;
+    tc_egress_program(&mut ebpf)?
+        .load()
+        .map_err(|source| Error::LoadProgram {
+            name: program_names::TC_EGRESS,
+            source,
+        })?;
     Ok(ebpf)
+}
+
+/// The tc egress program of a loaded object (reverse NAT of replies into pods).
+pub fn tc_egress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(program_names::TC_EGRESS)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::MissingProgram(program_names::TC_EGRESS))
 }
 
 /// The tc ingress program of a loaded object.
@@ -251,16 +264,30 @@ pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         .ok_or(Error::MissingProgram(program_names::TC_INGRESS))
 }
 
-/// Attaches the tc program to the ingress of `iface` through TCX. The link lives as long as the
-/// `Ebpf` it came from.
-pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<SchedClassifierLinkId> {
+/// Attaches the ingress and egress programs to `iface` for the lifetime of the `Ebpf` (no pins):
+/// the fallback for kernels without TCX, where aya uses netlink tc filters on a clsact qdisc.
+pub fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<()> {
+    if !aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+    {
+        // Netlink filters need the qdisc; "exists" is fine.
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+    }
+    let attach_error = |name: &'static str| {
+        let iface = iface.to_string();
+        move |source| Error::Attach {
+            name,
+            iface,
+            source,
+        }
+    };
     tc_program(ebpf)?
         .attach(iface, TcAttachType::Ingress)
-        .map_err(|source| Error::Attach {
-            name: program_names::TC_INGRESS,
-            iface: iface.into(),
-            source,
-        })
+        .map_err(attach_error(program_names::TC_INGRESS))?;
+    tc_egress_program(ebpf)?
+        .attach(iface, TcAttachType::Egress)
+        .map_err(attach_error(program_names::TC_EGRESS))?;
+    Ok(())
 }
 
 /// Interfaces the agent attaches to when none are named: the host ends of veth pairs, which is

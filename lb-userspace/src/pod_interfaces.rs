@@ -104,6 +104,8 @@ pub fn attach(ebpf: &mut Ebpf, bpffs: &Path, explicit: &[String], args: &AttachA
         }
         return Ok(());
     }
+    // The egress program first: attaching an interface opens it from its pin.
+    attach::pin_egress_program(loader::tc_egress_program(ebpf)?, bpffs)?;
     let program = loader::tc_program(ebpf)?;
     let pin = attach::pin_program(program, bpffs)?;
     let adopted = attach::adopt_pinned_links(program, bpffs)?;

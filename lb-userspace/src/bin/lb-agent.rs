@@ -240,9 +240,14 @@ fn detach_everything(bpffs: &std::path::Path) -> usize {
         }
         Err(e) => warn!("listing pinned attachments: {e}"),
     }
-    if let Err(e) = std::fs::remove_file(attach::program_pin_path(bpffs)) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!("removing the program pin: {e}");
+    for pin in [
+        attach::program_pin_path(bpffs),
+        attach::egress_program_pin_path(bpffs),
+    ] {
+        if let Err(e) = std::fs::remove_file(&pin) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(pin = %pin.display(), "removing the program pin: {e}");
+            }
         }
     }
     detached
