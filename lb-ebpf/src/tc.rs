@@ -37,13 +37,19 @@ fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
     // fields of it is what the verifier allows for tc programs.
     let (mark, ingress_ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ingress_ifindex) };
     let record = !(mark == lb_common::TRACE_MARK && ingress_ifindex == 0);
-    match lb::process(&flow, ctx.len() as u64, record) {
+    apply(ctx, &flow, lb::process(&flow, ctx.len() as u64, record))
+}
+
+/// Carries out the core's verdict on the packet; both hooks end here.
+#[inline(always)]
+fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
+    match verdict {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop => Ok(TC_ACT_SHOT),
         Verdict::Dnat { addr, port } => {
             rewrite(
                 ctx,
-                &flow,
+                flow,
                 IP_DST_OFF,
                 flow.dst_addr,
                 addr,
@@ -56,7 +62,7 @@ fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
         Verdict::RevNat { addr, port } => {
             rewrite(
                 ctx,
-                &flow,
+                flow,
                 IP_SRC_OFF,
                 flow.src_addr,
                 addr,
@@ -134,17 +140,5 @@ fn try_lb_tc_egress(ctx: &TcContext) -> Result<i32, i64> {
     let Some(flow) = packet::parse(ctx) else {
         return Ok(TC_ACT_OK);
     };
-    if let Verdict::RevNat { addr, port } = lb::process_reply(&flow, ctx.len() as u64) {
-        rewrite(
-            ctx,
-            &flow,
-            IP_SRC_OFF,
-            flow.src_addr,
-            addr,
-            flow.l4_off,
-            flow.src_port,
-            port,
-        )?;
-    }
-    Ok(TC_ACT_OK)
+    apply(ctx, &flow, lb::process_reply(&flow, ctx.len() as u64))
 }
