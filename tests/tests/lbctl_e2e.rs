@@ -43,6 +43,16 @@ fn sum(backends: &Value, f: impl Fn(&Value) -> u64) -> u64 {
     backends.as_array().unwrap().iter().map(f).sum()
 }
 
+/// One node serving the echo Service on VIP:80 from `backends`, ready for requests.
+fn start(tag: &str, backends: &[(&str, Ipv4Addr)]) -> (OneNode, Vec<Ipv4Addr>) {
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
+    let yaml = echo_service_yaml(VIP, 80, 8080, &ips);
+    let bed = OneNode::start(tag, backends, 8080, &yaml).unwrap();
+    bed.wait_for_tcp(SocketAddrV4::new(VIP, 80), Duration::from_secs(10))
+        .unwrap();
+    (bed, ips)
+}
+
 #[test]
 fn lbctl_shows_frontends_connections_counters_and_flows_as_they_are() {
     let backends = [
@@ -50,16 +60,8 @@ fn lbctl_shows_frontends_connections_counters_and_flows_as_they_are() {
         ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
         ("be-3", Ipv4Addr::new(198, 18, 2, 3)),
     ];
-    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
-    let bed = OneNode::start(
-        "lbctl",
-        &backends,
-        8080,
-        &echo_service_yaml(VIP, 80, 8080, &ips),
-    )
-    .unwrap();
+    let (bed, ips) = start("lbctl", &backends);
     let to = SocketAddrV4::new(VIP, 80);
-    bed.wait_for_tcp(to, Duration::from_secs(10)).unwrap();
     let open: Vec<_> = (0..2)
         .map(|_| tcp_connect(&bed.client.ns, to, TIMEOUT).unwrap())
         .collect();
@@ -148,16 +150,8 @@ fn lbctl_trace_explains_new_and_established_flows_and_leaves_no_state() {
         ("be-1", Ipv4Addr::new(198, 18, 2, 1)),
         ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
     ];
-    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
-    let bed = OneNode::start(
-        "trace",
-        &backends,
-        8080,
-        &echo_service_yaml(VIP, 80, 8080, &ips),
-    )
-    .unwrap();
+    let (bed, ips) = start("trace", &backends);
     let to = SocketAddrV4::new(VIP, 80);
-    bed.wait_for_tcp(to, Duration::from_secs(10)).unwrap();
     let conn = tcp_connect(&bed.client.ns, to, TIMEOUT).unwrap();
     let client_port = conn.stream().local_addr().unwrap().port();
     // Flows without their idle time, which may tick between two reads.

@@ -254,13 +254,7 @@ fn add(env: &Environment, conf: &NetConf) -> Result<Value, CniError> {
             "list lb-cni in a .conflist after the plugin that creates the pod's interface",
         ));
     };
-    let host = host_interface(Path::new(netns), ifname).map_err(|e| {
-        CniError::new(
-            codes::HOST_INTERFACE_NOT_FOUND,
-            format!("cannot find the host side of {ifname} in {netns}"),
-            e.to_string(),
-        )
-    })?;
+    let host = host_side(netns, ifname)?;
     let mut program = attach::pinned_program(&conf.bpffs).map_err(|e| match e {
         attach::Error::ProgramPinMissing { .. } => CniError::new(
             codes::TRY_AGAIN_LATER,
@@ -289,17 +283,22 @@ fn add(env: &Environment, conf: &NetConf) -> Result<Value, CniError> {
     Ok(result)
 }
 
-fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
-    env.require(&env.container_id, "CNI_CONTAINERID")?;
-    let netns = env.require(&env.netns, "CNI_NETNS")?;
-    let ifname = env.require(&env.ifname, "CNI_IFNAME")?;
-    let host = host_interface(Path::new(netns), ifname).map_err(|e| {
+/// The host side of the pod's interface, as a CNI error when it cannot be found.
+fn host_side(netns: &str, ifname: &str) -> Result<HostInterface, CniError> {
+    host_interface(Path::new(netns), ifname).map_err(|e| {
         CniError::new(
             codes::HOST_INTERFACE_NOT_FOUND,
             format!("cannot find the host side of {ifname} in {netns}"),
             e.to_string(),
         )
-    })?;
+    })
+}
+
+fn check(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
+    env.require(&env.container_id, "CNI_CONTAINERID")?;
+    let netns = env.require(&env.netns, "CNI_NETNS")?;
+    let ifname = env.require(&env.ifname, "CNI_IFNAME")?;
+    let host = host_side(netns, ifname)?;
     match attach::check_pinned(&conf.bpffs, &host.name) {
         Ok(Attachment::Attached { .. }) => Ok(()),
         Ok(Attachment::Missing(reason)) => Err(CniError::new(
