@@ -27,6 +27,13 @@ pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
 
 /// Value of the conntrack map.
+///
+/// Every entry says how to rewrite the packets it matches:
+/// - forward entry: destination becomes `nat_addr:nat_port` (the backend); with
+///   [`CT_FLAG_SNAT`] the source also becomes `peer_addr:peer_port` (this node's address and the
+///   SNAT port allocated for the flow);
+/// - reply entry: source becomes `nat_addr:nat_port` (the frontend); with [`CT_FLAG_SNAT`] the
+///   destination also becomes `peer_addr:peer_port` (the original client).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtValue {
@@ -40,14 +47,58 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// The port that goes with `nat_addr`, network order.
     pub nat_port: u16,
-    pub _pad: u16,
+    /// The port that goes with `peer_addr`, network order (zero without [`CT_FLAG_SNAT`]).
+    pub peer_port: u16,
+    /// With [`CT_FLAG_SNAT`] only: forward, the node address written as source; reply, the
+    /// client address written as destination. Network order.
+    pub peer_addr: u32,
+    pub _pad: u32,
     /// `bpf_ktime_get_ns()` of the last packet seen (refreshed at most once a second).
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 32);
 
 /// The flow was seen to close (TCP FIN or RST).
 pub const CT_FLAG_CLOSING: u16 = 1 << 0;
+/// The flow is source-NATed to this node (external traffic to a backend on another node):
+/// `peer_addr`/`peer_port` are meaningful.
+pub const CT_FLAG_SNAT: u16 = 1 << 1;
+/// The flow came in from outside the node (XDP on an uplink).
+pub const CT_FLAG_EXTERNAL: u16 = 1 << 2;
+
+/// Source ports the data path allocates for SNATed flows, inclusive. Above Linux's default
+/// ephemeral range (32768-60999, `net.ipv4.ip_local_port_range`) so they never collide with the
+/// node's own connections, and above the NodePort range (30000-32767).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+/// Random ports tried for one new SNATed flow before it is dropped (counted as exhausted).
+pub const SNAT_PORT_TRIES: u32 = 8;
+
+/// Idle timeouts, in seconds, after which an entry is expired: a SNAT port whose entry expired
+/// may be given to a new flow. (Entries also leave by LRU eviction when the table is full.)
+pub mod timeout {
+    /// TCP after FIN or RST.
+    pub const TCP_CLOSING: u64 = 10;
+    /// TCP otherwise.
+    pub const TCP: u64 = 21_600;
+    /// UDP and everything else.
+    pub const OTHER: u64 = 60;
+}
+
+/// The idle timeout of an entry, in nanoseconds.
+#[inline(always)]
+pub const fn timeout_ns(proto: u8, flags: u16) -> u64 {
+    let secs = if proto == crate::proto::TCP {
+        if flags & CT_FLAG_CLOSING != 0 {
+            timeout::TCP_CLOSING
+        } else {
+            timeout::TCP
+        }
+    } else {
+        timeout::OTHER
+    };
+    secs * 1_000_000_000
+}
 
 #[cfg(feature = "user")]
 mod pod {

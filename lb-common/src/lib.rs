@@ -28,7 +28,10 @@ pub use stats::TrafficCounters;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape; the agent refuses to
 /// adopt pinned maps written with another version.
-pub const ABI_VERSION: u32 = 1;
+///
+/// 1: first layout. 2: conntrack values grew from 24 to 32 bytes (`peer_addr`/`peer_port` for
+/// SNAT); service key scope 1 became the external-traffic set.
+pub const ABI_VERSION: u32 = 2;
 
 /// Map names. They are the names of the `static`s in the kernel object and of the pins in bpffs.
 pub mod map_names {

@@ -2,9 +2,11 @@
 
 /// Key of the services map: one frontend (address, port, protocol), a scope and a slot.
 ///
-/// Slot 0 is the frontend's master entry; slots `1..=count` each name one backend. `scope` selects
-/// between the cluster-wide backend set ([`SCOPE_CLUSTER`]) and a node-local set ([`SCOPE_LOCAL`])
-/// for frontends whose traffic policy is Local.
+/// Slot 0 is the frontend's master entry; slots `1..=count` each name one backend. `scope` says
+/// which traffic the entry serves: [`SCOPE_INTERNAL`] for traffic from this node's pods (tc on pod
+/// interfaces), [`SCOPE_EXTERNAL`] for traffic from outside the node (XDP on uplinks). Only
+/// NodePort, LoadBalancer and externalIP frontends have an external entry; its backend set follows
+/// externalTrafficPolicy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct ServiceKey {
@@ -20,8 +22,10 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
 
-pub const SCOPE_CLUSTER: u8 = 0;
-pub const SCOPE_LOCAL: u8 = 1;
+/// Traffic from this node's pods.
+pub const SCOPE_INTERNAL: u8 = 0;
+/// Traffic from outside the node.
+pub const SCOPE_EXTERNAL: u8 = 1;
 
 impl ServiceKey {
     pub const fn new(addr: u32, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
@@ -57,6 +61,14 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 /// The frontend is a ClusterIP.
 pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+/// The frontend is a NodePort, LoadBalancer ingress IP or externalIP.
+pub const SVC_FLAG_EXTERNAL_FE: u16 = 1 << 1;
+/// New flows to a backend on another node are source-NATed to this node (external traffic
+/// under externalTrafficPolicy=Cluster), so replies come back through it.
+pub const SVC_FLAG_MASQUERADE: u16 = 1 << 2;
+/// The ServicePort has no usable endpoint anywhere: new flows are refused rather than dropped
+/// (a count of zero without this flag means "endpoints exist, none this traffic may use").
+pub const SVC_FLAG_REJECT_EMPTY: u16 = 1 << 3;
 
 /// Value of the backends map, keyed by a `u32` backend id (ids start at 1; 0 means none).
 #[repr(C)]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
-    service::SCOPE_CLUSTER,
+    service::SCOPE_INTERNAL,
     CtKey, CtValue, ServiceKey, TrafficCounters,
 };
 
@@ -203,7 +203,7 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
     }
 
     // 3. A new flow to a frontend.
-    let master_key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_CLUSTER, 0);
+    let master_key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_INTERNAL, 0);
     // SAFETY: the value is copied out immediately.
     let master = match unsafe { SERVICES.get(master_key) } {
         Some(m) => *m,
@@ -218,7 +218,7 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         flow.dst_addr,
         flow.dst_port,
         flow.proto,
-        SCOPE_CLUSTER,
+        SCOPE_INTERNAL,
         pick as u16 + 1,
     );
     // SAFETY: copied out immediately.
@@ -244,6 +244,8 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         flags: 0,
         nat_addr: backend.addr,
         nat_port: backend.port,
+        peer_port: 0,
+        peer_addr: 0,
         _pad: 0,
         last_seen_ns: now,
     };

@@ -60,7 +60,7 @@ impl FrontendAddr {
             lb_common::ipv4_to_net(self.addr),
             lb_common::port_to_net(self.port),
             self.proto,
-            lb_common::service::SCOPE_CLUSTER,
+            lb_common::service::SCOPE_INTERNAL,
             slot,
         )
     }
