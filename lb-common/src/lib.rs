@@ -15,6 +15,7 @@
 //!  conntrack  LRU_HASH CtKey{5-tuple as seen on the wire, direction} -> CtValue
 //!  fe_stats   PERCPU_HASH u32 rev_nat_id -> TrafficCounters
 //!  be_stats   PERCPU_HASH u32 backend id -> TrafficCounters
+//!  drops      PERCPU_ARRAY u32 drop reason -> u64 packets
 //! ```
 #![no_std]
 
@@ -41,6 +42,8 @@ pub mod map_names {
     pub const CONNTRACK: &str = "LB_CONNTRACK";
     pub const FRONTEND_STATS: &str = "LB_FE_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
+    /// PERCPU_ARRAY u32 reason ([`crate::stats::drop_reason`]) -> u64 packets.
+    pub const DROPS: &str = "LB_DROPS";
 }
 
 /// Default map capacities. The conntrack size can be changed by the agent before load.

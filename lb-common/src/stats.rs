@@ -31,6 +31,31 @@ impl TrafficCounters {
     }
 }
 
+/// Why the data path dropped (or refused) a packet: the index into the `LB_DROPS` per-CPU array,
+/// whose values are `u64` packet counts.
+pub mod drop_reason {
+    /// A new flow to a frontend whose ServicePort has no usable endpoint.
+    pub const NO_BACKEND: u32 = 0;
+    /// A new external flow under externalTrafficPolicy=Local on a node without a local endpoint.
+    pub const NO_LOCAL_BACKEND: u32 = 1;
+    /// A new SNATed flow found no free source port after `SNAT_PORT_TRIES` tries.
+    pub const SNAT_PORTS_EXHAUSTED: u32 = 2;
+    /// A rewrite helper failed halfway; the packet was dropped rather than sent half-translated.
+    pub const REWRITE_FAILED: u32 = 3;
+    /// A slot or backend entry was missing during a lookup (an update in flight).
+    pub const MAP_INCONSISTENT: u32 = 4;
+    /// Number of reasons; the size of the array.
+    pub const COUNT: u32 = 8;
+    /// Names for metrics and `lbctl`, indexed by reason.
+    pub const NAMES: [&str; 5] = [
+        "no_backend",
+        "no_local_backend",
+        "snat_ports_exhausted",
+        "rewrite_failed",
+        "map_inconsistent",
+    ];
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), five u64 and no padding (size asserted above): any bit pattern is valid.

@@ -7,11 +7,12 @@ use aya_ebpf::{
 use lb_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
     service::SCOPE_INTERNAL,
+    stats::drop_reason,
     CtKey, CtValue, ServiceKey, TrafficCounters,
 };
 
 use crate::{
-    maps::{BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
+    maps::{count_drop, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
     packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -25,6 +26,15 @@ pub enum Verdict {
     Dnat { addr: u32, port: u16 },
     /// Rewrite the source (a backend's reply gets the frontend back).
     RevNat { addr: u32, port: u16 },
+}
+
+/// A drop, counted under `reason` unless the packet is a trace.
+#[inline(always)]
+fn drop(reason: u32, record: bool) -> Verdict {
+    if record {
+        count_drop(reason);
+    }
+    Verdict::Drop
 }
 
 /// Conntrack `last_seen_ns` is refreshed at most this often, to spare a map write per packet.
@@ -210,7 +220,7 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         None => return Verdict::Pass,
     };
     if master.count == 0 {
-        return Verdict::Drop;
+        return drop(drop_reason::NO_BACKEND, record);
     }
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let pick = unsafe { bpf_get_prandom_u32() } % master.count as u32;
@@ -224,12 +234,12 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
     // SAFETY: copied out immediately.
     let backend_id = match unsafe { SERVICES.get(slot_key) } {
         Some(s) => s.backend_id,
-        None => return Verdict::Drop,
+        None => return drop(drop_reason::MAP_INCONSISTENT, record),
     };
     // SAFETY: copied out immediately.
     let backend = match unsafe { BACKENDS.get(backend_id) } {
         Some(b) => *b,
-        None => return Verdict::Drop,
+        None => return drop(drop_reason::MAP_INCONSISTENT, record),
     };
     if !record {
         return Verdict::Dnat {

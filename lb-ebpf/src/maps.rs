@@ -2,7 +2,7 @@
 //! them under the agent's `--bpffs` directory. Layouts and names come from lb-common.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
     map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
@@ -28,3 +28,15 @@ pub static FRONTEND_STATS: PerCpuHashMap<u32, TrafficCounters> =
 #[map(name = "LB_BE_STATS")]
 pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficCounters> =
     PerCpuHashMap::pinned(map_sizes::BACKEND_STATS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(lb_common::stats::drop_reason::COUNT, 0);
+
+/// Counts one dropped packet under `reason` ([`lb_common::stats::drop_reason`]).
+#[inline(always)]
+pub fn count_drop(reason: u32) {
+    if let Some(c) = DROPS.get_ptr_mut(reason) {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it meanwhile.
+        unsafe { *c += 1 };
+    }
+}

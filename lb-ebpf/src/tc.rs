@@ -24,7 +24,10 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     match try_lb_tc_ingress(&ctx) {
         Ok(action) => action,
         // A failed rewrite leaves a half-translated packet: never let it out.
-        Err(_) => TC_ACT_SHOT,
+        Err(_) => {
+            crate::maps::count_drop(lb_common::stats::drop_reason::REWRITE_FAILED);
+            TC_ACT_SHOT
+        }
     }
 }
 
@@ -131,7 +134,10 @@ fn rewrite(
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match try_lb_tc_egress(&ctx) {
         Ok(action) => action,
-        Err(_) => TC_ACT_SHOT,
+        Err(_) => {
+            crate::maps::count_drop(lb_common::stats::drop_reason::REWRITE_FAILED);
+            TC_ACT_SHOT
+        }
     }
 }
 

@@ -145,7 +145,7 @@ fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-const PINNED_MAPS: [(&str, usize, usize); 6] = [
+const PINNED_MAPS: [(&str, usize, usize); 7] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -176,6 +176,7 @@ const PINNED_MAPS: [(&str, usize, usize); 6] = [
         size_of::<u32>(),
         size_of::<TrafficCounters>(),
     ),
+    (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
 ];
 
 /// Refuses to reuse pins whose layout differs from this build's: the kernel would accept them and
