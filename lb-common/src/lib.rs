@@ -20,6 +20,7 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod csum;
 pub mod service;
 pub mod stats;
 
@@ -71,6 +72,8 @@ pub mod program_names {
     /// tc egress on pod-facing interfaces: reverse NAT of replies that reach a client pod from
     /// anywhere, in particular from backends on other nodes (they arrive through the uplink).
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    /// XDP on node uplinks: NodePort, LoadBalancer and externalIP traffic from outside the node.
+    pub const XDP: &str = "lb_xdp";
 }
 
 /// `skb->mark` of a packet synthesized by `lbctl trace` and run through BPF_PROG_TEST_RUN. The
@@ -84,6 +87,7 @@ pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;
+    pub const ICMP: u8 = 1;
 }
 
 /// Converts an IPv4 address to the network-order `u32` stored in maps.

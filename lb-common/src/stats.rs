@@ -44,15 +44,21 @@ pub mod drop_reason {
     pub const REWRITE_FAILED: u32 = 3;
     /// A slot or backend entry was missing during a lookup (an update in flight).
     pub const MAP_INCONSISTENT: u32 = 4;
+    /// A translated packet had no route (FIB lookup failed) towards its new destination.
+    pub const NO_ROUTE: u32 = 5;
+    /// A translated packet was larger than the MTU towards its new destination.
+    pub const MTU_EXCEEDED: u32 = 6;
     /// Number of reasons; the size of the array.
     pub const COUNT: u32 = 8;
     /// Names for metrics and `lbctl`, indexed by reason.
-    pub const NAMES: [&str; 5] = [
+    pub const NAMES: [&str; 7] = [
         "no_backend",
         "no_local_backend",
         "snat_ports_exhausted",
         "rewrite_failed",
         "map_inconsistent",
+        "no_route",
+        "mtu_exceeded",
     ];
 }
 

@@ -5,15 +5,21 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
-    service::SCOPE_INTERNAL,
+    conntrack::{
+        timeout_ns, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT,
+        SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
+    },
+    service::{
+        BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_MASQUERADE,
+        SVC_FLAG_REJECT_EMPTY,
+    },
     stats::drop_reason,
-    CtKey, CtValue, ServiceKey, TrafficCounters,
+    BackendValue, CtKey, CtValue, ServiceKey, TrafficCounters,
 };
 
 use crate::{
     maps::{count_drop, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
-    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    packet::{Flow, IcmpError, IcmpNat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// What the hook must do with a packet.
@@ -22,10 +28,49 @@ pub enum Verdict {
     Pass,
     /// Drop it (a frontend with no usable backend).
     Drop,
-    /// Rewrite the destination (DNAT to a backend).
-    Dnat { addr: u32, port: u16 },
-    /// Rewrite the source (a backend's reply gets the frontend back).
-    RevNat { addr: u32, port: u16 },
+    /// Rewrite it.
+    Nat(Nat),
+}
+
+/// The addresses a translated packet leaves with (network order). Fields equal to the packet's
+/// own are left alone by the rewrite.
+#[derive(Clone, Copy)]
+pub struct Nat {
+    pub src_addr: u32,
+    pub src_port: u16,
+    pub dst_addr: u32,
+    pub dst_port: u16,
+    /// The packet was source-NATed (or un-SNATed) for a flow this node relays: the XDP hook
+    /// sends it out itself after a FIB lookup instead of handing it to the stack.
+    pub transmit: bool,
+}
+
+impl Nat {
+    /// Forward direction of a tracked flow: to the backend, from the SNAT address if any.
+    #[inline(always)]
+    fn forward(flow: &Flow, v: &CtValue) -> Nat {
+        let snat = v.flags & CT_FLAG_SNAT != 0;
+        Nat {
+            src_addr: if snat { v.peer_addr } else { flow.src_addr },
+            src_port: if snat { v.peer_port } else { flow.src_port },
+            dst_addr: v.nat_addr,
+            dst_port: v.nat_port,
+            transmit: snat,
+        }
+    }
+
+    /// Reply direction: from the frontend, to the original client if the flow was SNATed.
+    #[inline(always)]
+    fn reply(flow: &Flow, v: &CtValue) -> Nat {
+        let snat = v.flags & CT_FLAG_SNAT != 0;
+        Nat {
+            src_addr: v.nat_addr,
+            src_port: v.nat_port,
+            dst_addr: if snat { v.peer_addr } else { flow.dst_addr },
+            dst_port: if snat { v.peer_port } else { flow.dst_port },
+            transmit: snat,
+        }
+    }
 }
 
 /// A drop, counted under `reason` unless the packet is a trace.
@@ -71,26 +116,40 @@ fn refresh(entry: *mut CtValue, now: u64, flow: &Flow) -> bool {
     false
 }
 
-/// The reply entry that goes with a flow given `backend_addr:backend_port`.
+/// The key of the reply entry that goes with a flow's forward entry: the backend answers to the
+/// client, or to the SNAT address and port.
 #[inline(always)]
-fn reply_key(flow: &Flow, backend_addr: u32, backend_port: u16) -> CtKey {
+fn reply_key(flow: &Flow, forward: &CtValue) -> CtKey {
+    let snat = forward.flags & CT_FLAG_SNAT != 0;
     CtKey {
-        src_addr: backend_addr,
-        dst_addr: flow.src_addr,
-        src_port: backend_port,
-        dst_port: flow.src_port,
+        src_addr: forward.nat_addr,
+        dst_addr: if snat {
+            forward.peer_addr
+        } else {
+            flow.src_addr
+        },
+        src_port: forward.nat_port,
+        dst_port: if snat {
+            forward.peer_port
+        } else {
+            flow.src_port
+        },
         proto: flow.proto,
         dir: CT_DIR_REPLY,
         _pad: 0,
     }
 }
 
-/// The reply entry's value: the forward entry with the frontend as the address to restore.
+/// The reply entry's value: the frontend as the source to restore and, with SNAT, the client
+/// as the destination.
 #[inline(always)]
 fn reply_value(forward: &CtValue, flow: &Flow) -> CtValue {
+    let snat = forward.flags & CT_FLAG_SNAT != 0;
     CtValue {
         nat_addr: flow.dst_addr,
         nat_port: flow.dst_port,
+        peer_addr: if snat { flow.src_addr } else { 0 },
+        peer_port: if snat { flow.src_port } else { 0 },
         ..*forward
     }
 }
@@ -149,21 +208,24 @@ pub fn process_reply(flow: &Flow, len: u64) -> Verdict {
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         refresh(entry, unsafe { bpf_ktime_get_ns() }, flow);
         count(v.rev_nat_id, v.backend_id, len, Direction::Out, false);
-        return Verdict::RevNat {
-            addr: v.nat_addr,
-            port: v.nat_port,
-        };
+        return Verdict::Nat(Nat::reply(flow, &v));
     }
     Verdict::Pass
 }
 
-/// Decides what to do with one packet of `len` bytes and, when `record` is set (always, except
-/// for `lbctl trace` packets), records the flow state and counters.
-#[inline(always)]
-pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+/// The outcome of looking a packet up in conntrack.
+enum Tracked {
+    /// A reply of a tracked flow.
+    Reply(CtValue),
+    /// A packet of a tracked flow whose backend is still there.
+    Forward(CtValue),
+    /// Not tracked; `stale` when a forward entry exists but must be replaced.
+    New { stale: bool },
+}
 
+/// Steps 1 and 2 of every hook: replies and packets of flows that already have their backend.
+#[inline(always)]
+fn lookup_tracked(flow: &Flow, len: u64, now: u64, record: bool) -> Tracked {
     // 1. A reply from a backend of a flow we translated.
     if let Some(entry) = CONNTRACK.get_ptr_mut(ct_key(flow, CT_DIR_REPLY)) {
         // SAFETY: see `refresh`; the value is copied out.
@@ -172,55 +234,110 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
             refresh(entry, now, flow);
             count(v.rev_nat_id, v.backend_id, len, Direction::Out, false);
         }
-        return Verdict::RevNat {
-            addr: v.nat_addr,
-            port: v.nat_port,
-        };
+        return Tracked::Reply(v);
     }
 
     // 2. A packet of a flow that already has its backend, as long as that backend still exists
     // with the address the flow was given (ids are reused after a backend is deleted), and the
     // packet is not a new connection reusing the ports of one that closed.
     let fwd_key = ct_key(flow, CT_DIR_FORWARD);
-    let mut stale = false;
-    if let Some(entry) = CONNTRACK.get_ptr_mut(fwd_key) {
-        // SAFETY: see `refresh`; the value is copied out.
-        let v = unsafe { *entry };
-        let fresh_syn =
-            flow.proto == lb_common::proto::TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let reused_ports = fresh_syn && v.flags & CT_FLAG_CLOSING != 0;
-        // SAFETY: the value is only read.
-        let backend_alive = unsafe { BACKENDS.get(v.backend_id) }
-            .is_some_and(|b| b.addr == v.nat_addr && b.port == v.nat_port);
-        if backend_alive && !reused_ports {
-            if record {
-                if refresh(entry, now, flow) {
-                    // LRU eviction can take the reply entry alone; without it replies would go
-                    // out with the backend's address. Checked once a second, not per packet.
-                    let rk = reply_key(flow, v.nat_addr, v.nat_port);
-                    if CONNTRACK.get_ptr(rk).is_none() {
-                        let _ = CONNTRACK.insert(rk, reply_value(&v, flow), 0);
-                    }
-                }
-                count(v.rev_nat_id, v.backend_id, len, Direction::In, false);
-            }
-            return Verdict::Dnat {
-                addr: v.nat_addr,
-                port: v.nat_port,
-            };
-        }
-        stale = true;
+    let Some(entry) = CONNTRACK.get_ptr_mut(fwd_key) else {
+        return Tracked::New { stale: false };
+    };
+    // SAFETY: see `refresh`; the value is copied out.
+    let v = unsafe { *entry };
+    let fresh_syn =
+        flow.proto == lb_common::proto::TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let reused_ports = fresh_syn && v.flags & CT_FLAG_CLOSING != 0;
+    // SAFETY: the value is only read.
+    let backend_alive = unsafe { BACKENDS.get(v.backend_id) }
+        .is_some_and(|b| b.addr == v.nat_addr && b.port == v.nat_port);
+    if !backend_alive || reused_ports {
+        return Tracked::New { stale: true };
     }
+    if record {
+        if refresh(entry, now, flow) {
+            // LRU eviction can take the reply entry alone; without it replies would go out with
+            // the backend's address. Checked once a second, not per packet.
+            let rk = reply_key(flow, &v);
+            // SAFETY: copied out immediately.
+            match unsafe { CONNTRACK.get(rk) }.copied() {
+                None => {
+                    let _ = CONNTRACK.insert(rk, reply_value(&v, flow), 0);
+                }
+                // A SNAT port whose reply entry expired may have gone to another flow: this
+                // flow lost its port and is treated as new.
+                Some(r)
+                    if v.flags & CT_FLAG_SNAT != 0
+                        && (r.peer_addr != flow.src_addr || r.peer_port != flow.src_port) =>
+                {
+                    return Tracked::New { stale: true };
+                }
+                Some(_) => {}
+            }
+        }
+        count(v.rev_nat_id, v.backend_id, len, Direction::In, false);
+    }
+    Tracked::Forward(v)
+}
 
+/// Decides what to do with one packet from a pod on this node (tc) of `len` bytes and, when
+/// `record` is set (always, except for `lbctl trace` packets), records the flow state and
+/// counters.
+#[inline(always)]
+pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let stale = match lookup_tracked(flow, len, now, record) {
+        Tracked::Reply(v) => return Verdict::Nat(Nat::reply(flow, &v)),
+        Tracked::Forward(v) => return Verdict::Nat(Nat::forward(flow, &v)),
+        Tracked::New { stale } => stale,
+    };
     // 3. A new flow to a frontend.
-    let master_key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, SCOPE_INTERNAL, 0);
+    let pick = match select(flow, SCOPE_INTERNAL, record) {
+        Ok(p) => p,
+        Err(v) => return v,
+    };
+    if !record {
+        return Verdict::Nat(Nat {
+            src_addr: flow.src_addr,
+            src_port: flow.src_port,
+            dst_addr: pick.backend.addr,
+            dst_port: pick.backend.port,
+            transmit: false,
+        });
+    }
+    commit(flow, &pick, None, 0, stale, len, now)
+}
+
+/// A new flow's backend.
+pub struct Pick {
+    pub backend_id: u32,
+    pub backend: BackendValue,
+    pub rev_nat_id: u16,
+    /// The frontend's `SVC_FLAG_*`.
+    pub svc_flags: u16,
+    /// A forward entry exists and is to be replaced.
+    pub stale: bool,
+}
+
+/// Step 3: the frontend's master entry in `scope`, then a random slot. `Err` carries the verdict
+/// when there is nothing to pick (not a frontend: pass; no backend: drop).
+#[inline(always)]
+fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
+    let master_key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, scope, 0);
     // SAFETY: the value is copied out immediately.
     let master = match unsafe { SERVICES.get(master_key) } {
         Some(m) => *m,
-        None => return Verdict::Pass,
+        None => return Err(Verdict::Pass),
     };
     if master.count == 0 {
-        return drop(drop_reason::NO_BACKEND, record);
+        let reason = if scope == SCOPE_EXTERNAL && master.flags & SVC_FLAG_REJECT_EMPTY == 0 {
+            drop_reason::NO_LOCAL_BACKEND
+        } else {
+            drop_reason::NO_BACKEND
+        };
+        return Err(drop(reason, record));
     }
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let pick = unsafe { bpf_get_prandom_u32() } % master.count as u32;
@@ -228,46 +345,73 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         flow.dst_addr,
         flow.dst_port,
         flow.proto,
-        SCOPE_INTERNAL,
+        scope,
         pick as u16 + 1,
     );
     // SAFETY: copied out immediately.
     let backend_id = match unsafe { SERVICES.get(slot_key) } {
         Some(s) => s.backend_id,
-        None => return drop(drop_reason::MAP_INCONSISTENT, record),
+        None => return Err(drop(drop_reason::MAP_INCONSISTENT, record)),
     };
     // SAFETY: copied out immediately.
     let backend = match unsafe { BACKENDS.get(backend_id) } {
         Some(b) => *b,
-        None => return drop(drop_reason::MAP_INCONSISTENT, record),
+        None => return Err(drop(drop_reason::MAP_INCONSISTENT, record)),
     };
-    if !record {
-        return Verdict::Dnat {
-            addr: backend.addr,
-            port: backend.port,
-        };
-    }
-
-    let forward = CtValue {
+    Ok(Pick {
         backend_id,
+        backend,
         rev_nat_id: master.rev_nat_id,
-        flags: 0,
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        peer_port: 0,
-        peer_addr: 0,
+        svc_flags: master.flags,
+        stale: false,
+    })
+}
+
+/// Records a new flow (forward and reply entries, counters) and returns its translation.
+/// `snat` is the (address, port) the flow is source-NATed to, whose reply entry the caller has
+/// already claimed.
+#[inline(always)]
+fn commit(
+    flow: &Flow,
+    pick: &Pick,
+    snat: Option<(u32, u16)>,
+    extra_flags: u16,
+    stale: bool,
+    len: u64,
+    now: u64,
+) -> Verdict {
+    let (flags, peer_addr, peer_port) = match snat {
+        Some((a, p)) => (extra_flags | CT_FLAG_SNAT, a, p),
+        None => (extra_flags, 0, 0),
+    };
+    let forward = CtValue {
+        backend_id: pick.backend_id,
+        rev_nat_id: pick.rev_nat_id,
+        flags,
+        nat_addr: pick.backend.addr,
+        nat_port: pick.backend.port,
+        peer_port,
+        peer_addr,
         _pad: 0,
         last_seen_ns: now,
     };
+    let fwd_key = ct_key(flow, CT_DIR_FORWARD);
     // A stale entry is replaced. Otherwise the entry must not exist yet: if another CPU created
     // it for this flow's first packets meanwhile, follow its choice so one flow never has two
     // backends. (If the table cannot take the entries, the flow goes through untracked and the
     // next packet tries again.)
-    let flags = if stale { BPF_ANY } else { BPF_NOEXIST };
-    if CONNTRACK.insert(fwd_key, forward, flags as u64).is_err() && !stale {
+    let insert_flags = if stale { BPF_ANY } else { BPF_NOEXIST };
+    if CONNTRACK
+        .insert(fwd_key, forward, insert_flags as u64)
+        .is_err()
+        && !stale
+    {
         // SAFETY: copied out immediately.
-        if let Some(other) = unsafe { CONNTRACK.get(fwd_key) } {
-            let other = *other;
+        if let Some(other) = unsafe { CONNTRACK.get(fwd_key) }.copied() {
+            if snat.is_some() {
+                // The SNAT port claimed for this packet is not needed after all.
+                let _ = CONNTRACK.remove(reply_key(flow, &forward));
+            }
             count(
                 other.rev_nat_id,
                 other.backend_id,
@@ -275,20 +419,151 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
                 Direction::In,
                 false,
             );
-            return Verdict::Dnat {
-                addr: other.nat_addr,
-                port: other.nat_port,
-            };
+            return Verdict::Nat(Nat::forward(flow, &other));
         }
     }
-    let _ = CONNTRACK.insert(
-        reply_key(flow, backend.addr, backend.port),
-        reply_value(&forward, flow),
-        0,
-    );
-    count(master.rev_nat_id, backend_id, len, Direction::In, true);
-    Verdict::Dnat {
-        addr: backend.addr,
-        port: backend.port,
+    if snat.is_none() {
+        let _ = CONNTRACK.insert(reply_key(flow, &forward), reply_value(&forward, flow), 0);
     }
+    count(pick.rev_nat_id, pick.backend_id, len, Direction::In, true);
+    Verdict::Nat(Nat::forward(flow, &forward))
+}
+
+/// What the XDP hook must do for a packet from outside the node.
+pub enum External {
+    Done(Verdict),
+    /// A new flow to a backend on another node under Cluster policy: the hook finds this
+    /// node's address towards the backend (FIB lookup) and calls [`commit_snat`].
+    NeedSnat(Pick),
+}
+
+/// The external-traffic path (XDP on uplinks): replies of flows this node SNATed, packets of
+/// tracked flows, and new flows to NodePort, LoadBalancer and externalIP frontends.
+#[inline(always)]
+pub fn process_external(flow: &Flow, len: u64) -> External {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let stale = match lookup_tracked(flow, len, now, true) {
+        // Replies of flows without SNAT (a pod's flow to a backend on another node) are the
+        // pod interface's business (tc egress): leave them to it.
+        Tracked::Reply(v) if v.flags & CT_FLAG_SNAT == 0 => return External::Done(Verdict::Pass),
+        Tracked::Reply(v) => return External::Done(Verdict::Nat(Nat::reply(flow, &v))),
+        Tracked::Forward(v) => return External::Done(Verdict::Nat(Nat::forward(flow, &v))),
+        Tracked::New { stale } => stale,
+    };
+    let mut pick = match select(flow, SCOPE_EXTERNAL, true) {
+        Ok(p) => p,
+        Err(v) => return External::Done(v),
+    };
+    pick.stale = stale;
+    if pick.backend.flags & BACKEND_FLAG_LOCAL != 0 || pick.svc_flags & SVC_FLAG_MASQUERADE == 0 {
+        // Local backend, or Local policy: DNAT only, the client's address is kept.
+        return External::Done(commit(flow, &pick, None, CT_FLAG_EXTERNAL, stale, len, now));
+    }
+    External::NeedSnat(pick)
+}
+
+/// Allocates a SNAT port on `node_addr` for a new external flow to a remote backend and records
+/// the flow. Ports are tried at random in `SNAT_PORT_MIN..=SNAT_PORT_MAX`; a port is free when
+/// no reply entry holds it for this backend, or the one holding it has expired.
+#[inline(always)]
+pub fn commit_snat(flow: &Flow, pick: &Pick, node_addr: u32, len: u64) -> Verdict {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let flags = CT_FLAG_SNAT | CT_FLAG_EXTERNAL;
+    let reply = CtValue {
+        backend_id: pick.backend_id,
+        rev_nat_id: pick.rev_nat_id,
+        flags,
+        nat_addr: flow.dst_addr,
+        nat_port: flow.dst_port,
+        peer_port: flow.src_port,
+        peer_addr: flow.src_addr,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut i = 0;
+    while i < SNAT_PORT_TRIES {
+        i += 1;
+        // SAFETY: bpf_get_prandom_u32 has no preconditions.
+        let port = (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16;
+        let port = port.to_be();
+        let rk = CtKey {
+            src_addr: pick.backend.addr,
+            dst_addr: node_addr,
+            src_port: pick.backend.port,
+            dst_port: port,
+            proto: flow.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        if CONNTRACK.insert(rk, reply, BPF_NOEXIST as u64).is_ok() {
+            return commit(
+                flow,
+                pick,
+                Some((node_addr, port)),
+                CT_FLAG_EXTERNAL,
+                pick.stale,
+                len,
+                now,
+            );
+        }
+        // SAFETY: copied out immediately.
+        let expired = unsafe { CONNTRACK.get(rk) }.is_some_and(|old| {
+            now.wrapping_sub(old.last_seen_ns) > timeout_ns(flow.proto, old.flags)
+        });
+        if expired && CONNTRACK.insert(rk, reply, BPF_ANY as u64).is_ok() {
+            return commit(
+                flow,
+                pick,
+                Some((node_addr, port)),
+                CT_FLAG_EXTERNAL,
+                pick.stale,
+                len,
+                now,
+            );
+        }
+    }
+    drop(drop_reason::SNAT_PORTS_EXHAUSTED, true)
+}
+
+/// An ICMP error about a packet of a flow this node translated, travelling back towards the
+/// client: the translation that gives the client an error about its own packet, and whether the
+/// flow was SNATed (the XDP hook then transmits it itself).
+#[inline(always)]
+pub fn icmp_error(e: &IcmpError) -> Option<(IcmpNat, bool)> {
+    // The quoted packet is one we sent to the backend; its reply entry is keyed by the tuple
+    // the backend sends from.
+    let key = CtKey {
+        src_addr: e.inner_dst_addr,
+        dst_addr: e.inner_src_addr,
+        src_port: e.inner_dst_port,
+        dst_port: e.inner_src_port,
+        proto: e.inner_proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    // SAFETY: copied out immediately.
+    let v = unsafe { CONNTRACK.get(key) }.copied()?;
+    let snat = v.flags & CT_FLAG_SNAT != 0;
+    Some((
+        IcmpNat {
+            // An error from the backend itself comes from the frontend; one from a router on
+            // the way keeps the router's address.
+            outer_src: if e.src_addr == e.inner_dst_addr {
+                v.nat_addr
+            } else {
+                e.src_addr
+            },
+            outer_dst: if snat { v.peer_addr } else { e.dst_addr },
+            inner_src: if snat {
+                (v.peer_addr, v.peer_port)
+            } else {
+                (e.inner_src_addr, e.inner_src_port)
+            },
+            inner_dst: (v.nat_addr, v.nat_port),
+        },
+        snat,
+    ))
 }

@@ -11,6 +11,7 @@ mod lb;
 mod maps;
 mod packet;
 mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

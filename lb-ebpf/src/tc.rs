@@ -9,7 +9,7 @@ use lb_common::proto;
 
 use crate::{
     lb::{self, Verdict},
-    packet::{self, Flow, PacketRead, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    packet::{self, Flow, PacketRead, PacketWrite, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
 };
 
 impl PacketRead for TcContext {
@@ -17,6 +17,25 @@ impl PacketRead for TcContext {
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         self.load::<T>(offset).ok()
     }
+}
+
+impl PacketWrite for TcContext {
+    #[inline(always)]
+    fn write<T: Copy>(&self, offset: usize, value: T) -> Option<()> {
+        self.store(offset, &value, 0).ok()
+    }
+}
+
+/// An ICMP error about a translated flow, on its way to the client: translated back so the
+/// client recognises its own packet in it. The stack routes it on.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext) -> Result<i32, i64> {
+    if let Some(e) = packet::parse_icmp_error(ctx) {
+        if let Some((nat, _)) = lb::icmp_error(&e) {
+            packet::rewrite_icmp_error(ctx, &e, &nat).ok_or(-1)?;
+        }
+    }
+    Ok(TC_ACT_OK)
 }
 
 #[classifier]
@@ -34,7 +53,7 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
     let Some(flow) = packet::parse(ctx) else {
-        return Ok(TC_ACT_OK);
+        return icmp_error(ctx);
     };
     // SAFETY: `skb` is the context pointer the kernel passed to this program; reading plain
     // fields of it is what the verifier allows for tc programs.
@@ -43,35 +62,33 @@ fn try_lb_tc_ingress(ctx: &TcContext) -> Result<i32, i64> {
     apply(ctx, &flow, lb::process(&flow, ctx.len() as u64, record))
 }
 
-/// Carries out the core's verdict on the packet; both hooks end here.
+/// Carries out the core's verdict on the packet; both hooks end here. A translated packet is
+/// always handed to the stack, which routes it by its new addresses.
 #[inline(always)]
 fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
     match verdict {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop => Ok(TC_ACT_SHOT),
-        Verdict::Dnat { addr, port } => {
+        Verdict::Nat(nat) => {
             rewrite(
                 ctx,
                 flow,
                 IP_DST_OFF,
                 flow.dst_addr,
-                addr,
+                nat.dst_addr,
                 flow.l4_off + 2,
                 flow.dst_port,
-                port,
+                nat.dst_port,
             )?;
-            Ok(TC_ACT_OK)
-        }
-        Verdict::RevNat { addr, port } => {
             rewrite(
                 ctx,
                 flow,
                 IP_SRC_OFF,
                 flow.src_addr,
-                addr,
+                nat.src_addr,
                 flow.l4_off,
                 flow.src_port,
-                port,
+                nat.src_port,
             )?;
             Ok(TC_ACT_OK)
         }
@@ -144,7 +161,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_lb_tc_egress(ctx: &TcContext) -> Result<i32, i64> {
     let Some(flow) = packet::parse(ctx) else {
-        return Ok(TC_ACT_OK);
+        return icmp_error(ctx);
     };
     apply(ctx, &flow, lb::process_reply(&flow, ctx.len() as u64))
 }

@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     maps::MapData,
-    programs::{SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -248,7 +248,20 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
             name: program_names::TC_EGRESS,
             source,
         })?;
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(|source| Error::LoadProgram {
+            name: program_names::XDP,
+            source,
+        })?;
     Ok(ebpf)
+}
+
+/// The XDP program of a loaded object (external traffic on uplinks).
+pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(program_names::XDP)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::MissingProgram(program_names::XDP))
 }
 
 /// The tc egress program of a loaded object (reverse NAT of replies into pods).

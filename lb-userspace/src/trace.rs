@@ -123,11 +123,8 @@ pub fn trace(
         _pad: 0,
     };
     let established = conntrack.get(&key, 0).ok();
-    let fe = FrontendAddr {
-        addr: *dst.ip(),
-        port: dst.port(),
-        proto: protocol,
-    };
+    // A trace runs the pod-side program: it shows what a packet from a pod on this node hits.
+    let fe = FrontendAddr::internal(*dst.ip(), dst.port(), protocol);
     let services: std::collections::BTreeMap<ServiceKey, _> =
         maps.services()?.into_iter().collect();
     let master = services.get(&fe.key(0)).copied();

@@ -3,115 +3,76 @@
 //! these also check that userspace and kernel agree on the layout.
 use std::net::Ipv4Addr;
 
-use aya::{
-    maps::{HashMap, Map, MapData},
-    programs::{TestRun, TestRunOptions},
-    Ebpf,
-};
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-use lb_common::{conntrack::CT_DIR_FORWARD, conntrack::CT_DIR_REPLY, map_names, CtKey, CtValue};
-use lb_tests::BpfFs;
-use lb_userspace::{
-    dataplane::{bpf::BpfMaps, BackendAddr, Desired, DesiredFrontend, FrontendAddr, Writer},
-    loader,
-};
+use aya::maps::{Map, MapData};
+use fixture::{assert_checksums_valid, CLIENT_MAC, NODE_MAC};
+use lb_common::{conntrack::CT_DIR_FORWARD, conntrack::CT_DIR_REPLY, map_names, CtValue};
+use lb_userspace::dataplane::{BackendAddr, Desired, DesiredFrontend, FrontendAddr};
+
+mod fixture;
 
 const TC_ACT_OK: u32 = 0;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 fn backend(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, last)
 }
 
-struct Fixture {
-    ebpf: Ebpf,
-    maps: BpfMaps,
-    writer: Writer,
-    conntrack: HashMap<MapData, CtKey, CtValue>,
-    // Dropped last: unmounts the pins.
-    _bpffs: BpfFs,
+/// The shared fixture with frontends on [`VIP`] for the tc program.
+struct Fixture(fixture::Fixture);
+
+impl std::ops::Deref for Fixture {
+    type Target = fixture::Fixture;
+    fn deref(&self) -> &fixture::Fixture {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut fixture::Fixture {
+        &mut self.0
+    }
 }
 
 impl Fixture {
     /// Loads the real object with fresh maps and programs one frontend per entry.
     fn new(tag: &str, frontends: &[(u16, u8, &[u8])]) -> Self {
-        lb_tests::require_root();
-        let bpffs = BpfFs::new(tag).expect("mount a bpffs for the fixture");
-        let mut ebpf = loader::load(&loader::LoadOptions {
-            bpffs: bpffs.path().to_path_buf(),
-            conntrack_size: 1024,
-        })
-        .expect("load the eBPF object");
-        let maps = BpfMaps::from_ebpf(&mut ebpf).expect("open maps");
-        let writer = Writer::adopt(&maps).unwrap();
-        let ct =
-            MapData::from_pin(bpffs.path().join(map_names::CONNTRACK)).expect("open conntrack pin");
-        let conntrack = HashMap::try_from(Map::LruHashMap(ct)).expect("conntrack map");
-        let mut f = Fixture {
-            ebpf,
-            maps,
-            writer,
-            conntrack,
-            _bpffs: bpffs,
-        };
-        f.program(frontends);
-        f
+        Fixture(fixture::Fixture::new(tag, &desired(frontends)))
     }
 
     /// Makes the maps hold exactly these frontends (port, protocol, backend numbers) on the VIP.
     fn program(&mut self, frontends: &[(u16, u8, &[u8])]) {
-        let desired: Desired = frontends
-            .iter()
-            .map(|&(port, proto, backends)| {
-                (
-                    FrontendAddr {
-                        addr: VIP,
-                        port,
-                        proto,
-                    },
-                    DesiredFrontend {
-                        service_port: format!("test/svc:{port}"),
-                        backends: backends
-                            .iter()
-                            .map(|&b| BackendAddr {
-                                addr: backend(b),
-                                port: 8080,
-                                proto,
-                            })
-                            .collect(),
-                        flags: 0,
-                    },
-                )
-            })
-            .collect();
-        self.writer
-            .apply(&mut self.maps, &desired)
-            .expect("program maps");
+        self.0.apply(&desired(frontends));
     }
 
     /// Runs the tc program on one packet: (verdict, output bytes).
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog = loader::tc_program(&mut self.ebpf).unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        self.0.run_tc(input)
     }
+}
 
-    fn conntrack_entries(&self) -> Vec<(CtKey, CtValue)> {
-        let mut v: Vec<_> = self.conntrack.iter().map(|e| e.unwrap()).collect();
-        v.sort_by_key(|(k, _)| *k);
-        v
-    }
+fn desired(frontends: &[(u16, u8, &[u8])]) -> Desired {
+    frontends
+        .iter()
+        .map(|&(port, proto, backends)| {
+            (
+                FrontendAddr::internal(VIP, port, proto),
+                DesiredFrontend {
+                    service_port: format!("test/svc:{port}"),
+                    backends: backends
+                        .iter()
+                        .map(|&b| BackendAddr {
+                            addr: backend(b),
+                            port: 8080,
+                            proto,
+                            local: true,
+                        })
+                        .collect(),
+                    flags: 0,
+                },
+            )
+        })
+        .collect()
 }
 
 fn tcp_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
@@ -136,62 +97,16 @@ fn tcp_with_fin(
     fin: bool,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b = PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1000, 64240);
-    if syn {
-        b = b.syn();
-    }
-    if ack {
-        b = b.ack(2000);
-    }
-    if fin {
-        b = b.fin();
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, payload).unwrap();
-    v
+    let flags: String = [(syn, 'S'), (ack, 'A'), (fin, 'F')]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, c)| *c)
+        .collect();
+    fixture::tcp_packet((CLIENT_MAC, NODE_MAC), src, dst, &flags, payload)
 }
 
 fn udp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .udp(src.1, dst.1)
-        .write(&mut v, payload)
-        .unwrap();
-    v
-}
-
-/// Independent check of both checksums with a parser (not with our own arithmetic).
-fn assert_checksums_valid(pkt: &[u8]) {
-    let sliced = SlicedPacket::from_ethernet(pkt).expect("output parses");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
-        panic!("not IPv4")
-    };
-    let header = ip.header().to_header();
-    assert_eq!(
-        header.header_checksum,
-        header.calc_header_checksum(),
-        "IPv4 header checksum"
-    );
-    match &sliced.transport {
-        Some(TransportSlice::Tcp(tcp)) => {
-            let want = tcp
-                .to_header()
-                .calc_checksum_ipv4(&header, tcp.payload())
-                .unwrap();
-            assert_eq!(tcp.checksum(), want, "TCP checksum");
-        }
-        Some(TransportSlice::Udp(udp)) => {
-            let want = udp
-                .to_header()
-                .calc_checksum_ipv4(&header, udp.payload())
-                .unwrap();
-            assert_eq!(udp.checksum(), want, "UDP checksum");
-        }
-        other => panic!("unexpected transport {other:?}"),
-    }
+    fixture::udp_packet((CLIENT_MAC, NODE_MAC), src, dst, payload)
 }
 
 #[test]
@@ -375,7 +290,7 @@ fn counters_record_packets_bytes_and_new_flows_per_frontend_and_backend() {
     ));
 
     let read = |name: &str| -> Vec<TrafficCounters> {
-        let data = MapData::from_pin(f._bpffs.path().join(name)).unwrap();
+        let data = MapData::from_pin(f.bpffs.path().join(name)).unwrap();
         let map: PerCpuHashMap<_, u32, TrafficCounters> =
             PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
         map.iter()

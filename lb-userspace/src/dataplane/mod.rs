@@ -10,21 +10,29 @@ pub mod fake;
 mod writer;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use lb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use lb_common::{
+    service::{
+        BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+    },
+    BackendValue, RevNatValue, ServiceKey, ServiceValue,
+};
 
-use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol};
+use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, WhenEmpty};
 pub use writer::{ApplyStats, Writer};
 
-/// A frontend as the maps see it.
+/// A frontend as the maps see it: address, port, protocol and the traffic it serves
+/// ([`SCOPE_INTERNAL`]: from this node's pods; [`SCOPE_EXTERNAL`]: from outside the node).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
+    pub scope: u8,
 }
 
 /// A backend as the maps see it.
@@ -33,6 +41,8 @@ pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
+    /// The endpoint runs on this node: external traffic to it is not source-NATed.
+    pub local: bool,
 }
 
 impl BackendAddr {
@@ -41,7 +51,7 @@ impl BackendAddr {
             addr: lb_common::ipv4_to_net(self.addr),
             port: lb_common::port_to_net(self.port),
             proto: self.proto,
-            flags: 0,
+            flags: if self.local { BACKEND_FLAG_LOCAL } else { 0 },
         }
     }
 
@@ -50,17 +60,38 @@ impl BackendAddr {
             addr: lb_common::net_to_ipv4(v.addr),
             port: lb_common::net_to_port(v.port),
             proto: v.proto,
+            local: v.flags & BACKEND_FLAG_LOCAL != 0,
         }
     }
 }
 
 impl FrontendAddr {
+    /// A frontend for traffic from this node's pods.
+    pub fn internal(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: SCOPE_INTERNAL,
+        }
+    }
+
+    /// A frontend for traffic from outside the node.
+    pub fn external(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope: SCOPE_EXTERNAL,
+        }
+    }
+
     pub fn key(self, slot: u16) -> ServiceKey {
         ServiceKey::new(
             lb_common::ipv4_to_net(self.addr),
             lb_common::port_to_net(self.port),
             self.proto,
-            lb_common::service::SCOPE_INTERNAL,
+            self.scope,
             slot,
         )
     }
@@ -70,6 +101,7 @@ impl FrontendAddr {
             addr: lb_common::net_to_ipv4(k.addr),
             port: lb_common::net_to_port(k.port),
             proto: k.proto,
+            scope: k.scope,
         }
     }
 
@@ -94,11 +126,14 @@ pub struct DesiredFrontend {
 /// The desired map contents, keyed by frontend.
 pub type Desired = BTreeMap<FrontendAddr, DesiredFrontend>;
 
-/// Translates the model into per-frontend backend lists for what the data path carries today:
-/// IPv4 ClusterIP frontends for TCP and UDP, with the backends a pod's new flow may use
-/// ([`crate::model::ServicePort::traffic`] from [`Origin::Pod`], so internalTrafficPolicy=Local is honoured).
-/// NodePort, LoadBalancer and externalIP frontends wait for the XDP path; IPv6 and SCTP for their
-/// own data path (the model already warned about SCTP).
+/// Translates the model into per-frontend backend lists for what the data path carries: IPv4
+/// TCP and UDP frontends. Every frontend (ClusterIP, NodePort, LoadBalancer, externalIP) gets an
+/// internal entry with the backends a pod's new flow may use ([`Origin::Pod`]: so
+/// internalTrafficPolicy=Local is honoured, and pods reach eTP=Local services through the cluster
+/// set as kube-proxy does); NodePort, LoadBalancer and externalIP frontends also get an external
+/// entry with the backends traffic from outside may use ([`Origin::External`]: local ones only
+/// under eTP=Local) and the masquerade flag. IPv6 and SCTP wait for their own data path (the
+/// model already warned about SCTP).
 pub fn desired(model: &Model) -> Desired {
     let mut out = Desired::new();
     for sp in model.service_ports.values() {
@@ -106,37 +141,64 @@ pub fn desired(model: &Model) -> Desired {
             continue;
         }
         let proto = sp.id.protocol.number();
-        for fe in sp
-            .frontends
+        let local: BTreeSet<SocketAddr> = sp
+            .endpoints
             .iter()
-            .filter(|f| f.kind == FrontendKind::ClusterIp)
-        {
-            let IpAddr::V4(addr) = fe.addr else { continue };
-            let traffic = sp.traffic(fe, Origin::Pod);
-            let backends = traffic
-                .backends
-                .iter()
+            .filter(|e| e.local)
+            .map(|e| e.socket_addr())
+            .collect();
+        let backends_of = |list: &[SocketAddr]| -> Vec<BackendAddr> {
+            list.iter()
                 .filter_map(|b| match b {
                     SocketAddr::V4(v4) => Some(BackendAddr {
                         addr: *v4.ip(),
                         port: v4.port(),
                         proto,
+                        local: local.contains(b),
                     }),
                     SocketAddr::V6(_) => None,
                 })
-                .collect();
+                .collect()
+        };
+        for fe in &sp.frontends {
+            let IpAddr::V4(addr) = fe.addr else { continue };
+            let kind_flag = if fe.kind == FrontendKind::ClusterIp {
+                SVC_FLAG_CLUSTER_IP
+            } else {
+                SVC_FLAG_EXTERNAL_FE
+            };
+            let internal = sp.traffic(fe, Origin::Pod);
+            let empty_flag = |t: &crate::model::Traffic| {
+                if t.when_empty == WhenEmpty::Reject {
+                    SVC_FLAG_REJECT_EMPTY
+                } else {
+                    0
+                }
+            };
             out.insert(
-                FrontendAddr {
-                    addr,
-                    port: fe.port,
-                    proto,
-                },
+                FrontendAddr::internal(addr, fe.port, proto),
                 DesiredFrontend {
                     service_port: sp.id.to_string(),
-                    backends,
-                    flags: lb_common::service::SVC_FLAG_CLUSTER_IP,
+                    backends: backends_of(internal.backends),
+                    flags: kind_flag | empty_flag(&internal),
                 },
             );
+            if fe.kind.is_external() {
+                let external = sp.traffic(fe, Origin::External);
+                let masquerade = if external.masquerade {
+                    SVC_FLAG_MASQUERADE
+                } else {
+                    0
+                };
+                out.insert(
+                    FrontendAddr::external(addr, fe.port, proto),
+                    DesiredFrontend {
+                        service_port: sp.id.to_string(),
+                        backends: backends_of(external.backends),
+                        flags: kind_flag | masquerade | empty_flag(&external),
+                    },
+                );
+            }
         }
     }
     out

@@ -4,11 +4,7 @@ use super::*;
 use crate::dataplane::{fake::FakeMaps, DesiredFrontend};
 
 fn fe(last: u8, port: u16) -> FrontendAddr {
-    FrontendAddr {
-        addr: Ipv4Addr::new(198, 19, 0, last),
-        port,
-        proto: lb_common::proto::TCP,
-    }
+    FrontendAddr::internal(Ipv4Addr::new(198, 19, 0, last), port, lb_common::proto::TCP)
 }
 
 fn be(last: u8) -> BackendAddr {
@@ -16,6 +12,7 @@ fn be(last: u8) -> BackendAddr {
         addr: Ipv4Addr::new(198, 18, 1, last),
         port: 8080,
         proto: lb_common::proto::TCP,
+        local: false,
     }
 }
 
@@ -316,6 +313,7 @@ fn frontend_with_more_backends_than_slots_is_capped_not_wrapped() {
             addr: Ipv4Addr::from(0xc612_0000 + i),
             port: 8080,
             proto: lb_common::proto::TCP,
+            local: false,
         })
         .collect();
     let d: Desired = [(
