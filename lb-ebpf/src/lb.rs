@@ -40,8 +40,10 @@ pub struct Nat {
     pub src_port: u16,
     pub dst_addr: u32,
     pub dst_port: u16,
-    /// The packet was source-NATed (or un-SNATed) for a flow this node relays: the XDP hook
-    /// sends it out itself after a FIB lookup instead of handing it to the stack.
+    /// The hook routes the packet itself (FIB lookup, then redirect) instead of handing it to
+    /// the stack: packets of SNATed flows (XDP), and replies of external flows, whose new
+    /// source may be one of the node's own addresses, which the stack's input routing would
+    /// drop as martian (tc).
     pub transmit: bool,
 }
 
@@ -68,7 +70,7 @@ impl Nat {
             src_port: v.nat_port,
             dst_addr: if snat { v.peer_addr } else { flow.dst_addr },
             dst_port: if snat { v.peer_port } else { flow.dst_port },
-            transmit: snat,
+            transmit: v.flags & (CT_FLAG_SNAT | CT_FLAG_EXTERNAL) != 0,
         }
     }
 }

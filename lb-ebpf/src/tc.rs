@@ -1,14 +1,18 @@
 //! tc (TCX) ingress on pod-facing interfaces: traffic from pods to frontends, and replies from
 //! local backend pods.
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::proto;
 
 use crate::{
-    lb::{self, Verdict},
+    lb::{self, Nat, Verdict},
     packet::{self, Flow, PacketRead, PacketWrite, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
 };
 
@@ -90,8 +94,57 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
                 flow.src_port,
                 nat.src_port,
             )?;
+            if nat.transmit {
+                return Ok(redirect(ctx, flow, &nat));
+            }
             Ok(TC_ACT_OK)
         }
+    }
+}
+
+/// Sends a translated packet towards its destination without the stack's input routing: a FIB
+/// lookup from the interface it came in on, then a redirect with the MACs the FIB gave, or
+/// `bpf_redirect_neigh` when the next hop is not resolved yet (the kernel resolves it). Without
+/// a route the packet goes to the stack, which reports it.
+#[inline(always)]
+fn redirect(ctx: &TcContext, flow: &Flow, nat: &Nat) -> i32 {
+    // SAFETY: the struct is plain integers and unions of integers: all zeroes is valid.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = flow.proto;
+    p.sport = nat.src_port;
+    p.dport = nat.dst_port;
+    // SAFETY: reading plain fields of the context the kernel passed in.
+    let (ifindex, len) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).len) };
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = (len as usize).saturating_sub(packet::ETH_HDR_LEN) as u16;
+    p.__bindgen_anon_3.ipv4_src = nat.src_addr;
+    p.__bindgen_anon_4.ipv4_dst = nat.dst_addr;
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&p.dmac);
+            macs[6..].copy_from_slice(&p.smac);
+            if ctx.store(0, &macs, 0).is_err() {
+                return TC_ACT_SHOT;
+            }
+            // SAFETY: bpf_redirect has no preconditions; it returns the tc action to use.
+            unsafe { bpf_redirect(p.ifindex, 0) as i32 }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // SAFETY: a null parameter block asks the kernel to resolve the next hop itself.
+            unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+        }
+        _ => TC_ACT_OK,
     }
 }
 

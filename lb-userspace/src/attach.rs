@@ -491,7 +491,8 @@ fn create_dir(dir: &Path) -> Result<()> {
     })
 }
 
-fn unpin(path: &Path) -> Result<bool> {
+/// Removes a pin; whether there was one.
+pub fn unpin(path: &Path) -> Result<bool> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -593,6 +594,12 @@ struct LinkInfoBuf {
     tcx_ifindex: u32,
     tcx_attach_type: u32,
     _tail: [u64; 14],
+}
+
+/// The interface a pinned link (TCX or XDP) is attached to; `None` without a pin, `Some(0)` when
+/// its interface is gone.
+pub fn pinned_link_ifindex(path: &Path) -> Result<Option<u32>> {
+    Ok(read_pinned_link(path)?.map(|l| l.ifindex))
 }
 
 /// Reads the pinned link at `path`; `None` if there is no pin. aya's `LinkInfo` exposes neither

@@ -13,3 +13,4 @@ pub mod pin_lock;
 pub mod pod_interfaces;
 pub mod sources;
 pub mod trace;
+pub mod uplink;

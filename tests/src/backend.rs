@@ -317,6 +317,78 @@ fn connect_here(to: SocketAddrV4, timeout: Duration) -> Result<TcpConn> {
     Ok(TcpConn { reply, to, reader })
 }
 
+/// One TCP request from a given source address and port (bound before connecting), on the
+/// calling thread, which must already be in the client's namespace (inside [`Netns::run`]):
+/// for many clients that share a source port.
+pub fn tcp_request_from_here(
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    timeout: Duration,
+) -> Result<Reply> {
+    use std::os::fd::FromRawFd;
+    let deadline = Instant::now() + timeout;
+    // SAFETY: plain socket(2); the descriptor is owned by the TcpStream below or closed on error.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(anyhow!("socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let one: libc::c_int = 1;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: the option values and addresses are valid for the calls and their sizes given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&one) as libc::socklen_t,
+        ) | libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of_val(&tv) as libc::socklen_t,
+        ) | libc::bind(
+            fd,
+            &sockaddr(from) as *const _ as *const libc::sockaddr,
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!("TCP {from}: bind: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd, &sockaddr(to) as *const _ as *const libc::sockaddr, len) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(anyhow!(
+            "TCP {from} -> {to}: connect: {}",
+            explain(&e, timeout)
+        ));
+    }
+    let mut reader = BufReader::new(stream);
+    let line = read_line(&mut reader, deadline).map_err(|e| {
+        anyhow!(
+            "TCP {from} -> {to}: waiting for the greeting: {}",
+            explain(&e, timeout)
+        )
+    })?;
+    Reply::parse(&line).with_context(|| format!("TCP {from} -> {to}"))
+}
+
 /// Reads one full line before `deadline`; EOF before the newline is an error.
 fn read_line(reader: &mut BufReader<TcpStream>, deadline: Instant) -> io::Result<String> {
     let mut line = String::new();

@@ -52,7 +52,7 @@ pub fn lbctl_bin() -> Result<PathBuf> {
 }
 
 /// The manifests directory; removed on drop.
-struct ManifestsDir(PathBuf);
+pub(crate) struct ManifestsDir(pub(crate) PathBuf);
 
 impl Drop for ManifestsDir {
     fn drop(&mut self) {
@@ -154,7 +154,7 @@ impl OneNode {
     }
 }
 
-fn write_atomically(dir: &Path, yaml: &str) -> Result<()> {
+pub(crate) fn write_atomically(dir: &Path, yaml: &str) -> Result<()> {
     let tmp = dir.join(".services.yaml.tmp");
     std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dir.join("services.yaml"))

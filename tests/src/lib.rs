@@ -25,12 +25,14 @@
 mod backend;
 mod bpffs;
 pub mod cluster;
+pub mod fabric;
 mod netns;
 mod process;
 mod topology;
 
 pub use backend::{
-    tcp_connect, tcp_request, tcp_requests, udp_request, udp_requests, EchoServer, Reply, TcpConn,
+    tcp_connect, tcp_request, tcp_request_from_here, tcp_requests, udp_request, udp_requests,
+    EchoServer, Reply, TcpConn,
 };
 pub use bpffs::BpfFs;
 pub use netns::Netns;

@@ -48,6 +48,20 @@ struct Args {
     ifaces: Vec<String>,
     #[command(flatten)]
     attach: lb_userspace::pod_interfaces::AttachArgs,
+    /// The node's external interface (repeatable): the XDP program there serves NodePort,
+    /// LoadBalancer and externalIP traffic from outside the node. Default: the interfaces that
+    /// carry an IPv4 default route.
+    #[arg(
+        long = "uplink",
+        value_name = "IF",
+        value_delimiter = ',',
+        env = "LB_UPLINKS"
+    )]
+    uplinks: Vec<String>,
+    /// XDP mode on the uplinks: `auto` (native, generic when the driver has no native XDP),
+    /// `native` or `generic`.
+    #[arg(long, value_enum, default_value_t = lb_userspace::uplink::XdpModeArg::Auto, env = "LB_XDP_MODE")]
+    xdp_mode: lb_userspace::uplink::XdpModeArg,
     /// cgroup v2 directory for the host-process socket hooks (default: the cgroup2 root).
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
@@ -143,6 +157,17 @@ fn run(args: Args) -> Result<()> {
     })?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.
     lb_userspace::pod_interfaces::attach(&mut ebpf, &args.bpffs, &args.ifaces, &args.attach)?;
+    let uplinks = if args.uplinks.is_empty() {
+        lb_userspace::uplink::detect()
+    } else {
+        args.uplinks.clone()
+    };
+    lb_userspace::uplink::attach_all(
+        loader::xdp_program(&mut ebpf)?,
+        &args.bpffs,
+        &uplinks,
+        args.xdp_mode,
+    )?;
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut writer = Writer::adopt(&maps)?;
     info!(
@@ -156,7 +181,6 @@ fn run(args: Args) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     let local_node_addresses = local_addresses().context("listing this node's addresses")?;
-    warn!("NodePort, LoadBalancer and externalIP frontends are computed but not served yet: only ClusterIP traffic from pods is load-balanced");
     let mut config = model::Config {
         node_name: node_name.clone(),
         node_addresses: local_node_addresses.clone(),
@@ -239,6 +263,10 @@ fn detach_everything(bpffs: &std::path::Path) -> usize {
             }
         }
         Err(e) => warn!("listing pinned attachments: {e}"),
+    }
+    match lb_userspace::uplink::detach_all(bpffs) {
+        Ok(uplinks) => detached += uplinks.len(),
+        Err(e) => warn!("detaching uplinks: {e}"),
     }
     for pin in [
         attach::program_pin_path(bpffs),
