@@ -500,22 +500,16 @@ pub fn commit_snat(flow: &Flow, pick: &Pick, node_addr: u32, len: u64) -> Verdic
             dir: CT_DIR_REPLY,
             _pad: 0,
         };
-        if CONNTRACK.insert(rk, reply, BPF_NOEXIST as u64).is_ok() {
-            return commit(
-                flow,
-                pick,
-                Some((node_addr, port)),
-                CT_FLAG_EXTERNAL,
-                pick.stale,
-                len,
-                now,
-            );
-        }
-        // SAFETY: copied out immediately.
-        let expired = unsafe { CONNTRACK.get(rk) }.is_some_and(|old| {
-            now.wrapping_sub(old.last_seen_ns) > timeout_ns(flow.proto, old.flags)
-        });
-        if expired && CONNTRACK.insert(rk, reply, BPF_ANY as u64).is_ok() {
+        // Free, or held by an entry idle past its timeout (whose flow is re-balanced if it ever
+        // sends again).
+        let claimed = CONNTRACK.insert(rk, reply, BPF_NOEXIST as u64).is_ok() || {
+            // SAFETY: copied out immediately.
+            let expired = unsafe { CONNTRACK.get(rk) }.is_some_and(|old| {
+                now.wrapping_sub(old.last_seen_ns) > timeout_ns(flow.proto, old.flags)
+            });
+            expired && CONNTRACK.insert(rk, reply, BPF_ANY as u64).is_ok()
+        };
+        if claimed {
             return commit(
                 flow,
                 pick,

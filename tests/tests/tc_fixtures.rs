@@ -472,3 +472,27 @@ fn fragments_pass_unmodified() {
     }
     assert!(f.conntrack_entries().is_empty());
 }
+
+#[test]
+fn icmp_error_from_a_local_backend_reaches_the_client_with_the_cluster_ip() {
+    let mut f = Fixture::new("fx-icmp", &[(53, lb_common::proto::UDP, &[1])]);
+    let query = udp((CLIENT, 5353), (VIP, 53), b"query");
+    let (_, sent) = f.run(&query);
+    // The backend's stack answers "port unreachable" to the client, quoting what it got.
+    let error = fixture::port_unreachable(
+        (NODE_MAC, CLIENT_MAC),
+        backend(1),
+        CLIENT,
+        &fixture::quote(&sent),
+    );
+    let (verdict, out) = f.run(&error);
+    assert_eq!(verdict, TC_ACT_OK);
+    // The client must get an error from the ClusterIP quoting its own datagram; the quoted UDP
+    // checksum stays as the backend saw it.
+    let mut want_quote = fixture::quote(&query);
+    let at = want_quote.len() - 2;
+    want_quote[at..].copy_from_slice(&sent[40..42]);
+    let want = fixture::port_unreachable((NODE_MAC, CLIENT_MAC), VIP, CLIENT, &want_quote);
+    assert_eq!(out, want, "byte-exact translated ICMP error");
+    assert_checksums_valid(&out);
+}

@@ -4,10 +4,8 @@
 //! output bytes (MACs included) and conntrack side effects out.
 use std::net::Ipv4Addr;
 
-use etherparse::{
-    icmpv4::DestUnreachableHeader, Icmpv4Type, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder,
-};
-use fixture::{assert_checksums_valid, tcp_packet, udp_packet, Fixture};
+use etherparse::{IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder};
+use fixture::{assert_checksums_valid, port_unreachable, quote, tcp_packet, udp_packet, Fixture};
 use lb_common::{
     conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_EXTERNAL, CT_FLAG_SNAT},
     ipv4_to_net, net_to_port, port_to_net,
@@ -413,30 +411,6 @@ fn fragments_pass_unmodified_and_leave_no_state() {
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(out, first);
     assert!(f.conntrack_entries().is_empty());
-}
-
-/// The IPv4 header and the first 8 bytes of the L4 header of an Ethernet frame: what an ICMP
-/// error quotes.
-fn quote(frame: &[u8]) -> Vec<u8> {
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    frame[14..14 + ihl + 8].to_vec()
-}
-
-fn port_unreachable(
-    macs: ([u8; 6], [u8; 6]),
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    quoted: &[u8],
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(
-            DestUnreachableHeader::Port,
-        ))
-        .write(&mut v, quoted)
-        .unwrap();
-    v
 }
 
 #[test]
