@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod health;
 pub mod inspect;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pin_lock;

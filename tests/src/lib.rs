@@ -25,6 +25,7 @@
 mod backend;
 mod bpffs;
 pub mod cluster;
+mod http;
 mod netns;
 mod process;
 mod topology;
@@ -33,6 +34,7 @@ pub use backend::{
     tcp_connect, tcp_request, tcp_requests, udp_request, udp_requests, EchoServer, Reply, TcpConn,
 };
 pub use bpffs::BpfFs;
+pub use http::{http_get, prometheus_sample, HttpResponse};
 pub use netns::Netns;
 pub use process::{spawn_in, ChildGuard};
 pub use topology::{Node, Pod, POD_GATEWAY};

@@ -14,7 +14,9 @@ use clap::{Parser, ValueEnum};
 use lb_userspace::{
     dataplane::{self, bpf::BpfMaps, Writer},
     health::{self, Health},
-    loader, model,
+    loader,
+    metrics::Metrics,
+    model,
     sources::{
         feed::{Feed, Snapshot},
         kube,
@@ -71,6 +73,10 @@ struct Args {
     /// Where /healthz (liveness) and /readyz (ready after the first full sync and apply) are served.
     #[arg(long, value_name = "ADDR:PORT", default_value = health::DEFAULT_BIND_ADDRESS, env = "LB_HEALTH_BIND_ADDRESS")]
     health_bind_address: std::net::SocketAddr,
+    /// Also serve /metrics alone on this address (kube-proxy's is 127.0.0.1:10249). /metrics is
+    /// always served on --health-bind-address as well; this adds a second listener.
+    #[arg(long, value_name = "ADDR:PORT", env = "LB_METRICS_BIND_ADDRESS")]
+    metrics_bind_address: Option<std::net::SocketAddr>,
     /// What happens to the data path when the agent stops. `keep` (default): programs stay
     /// attached through their pinned links and keep serving from the pinned maps, and a restarted
     /// agent adopts them, so a restart or upgrade drops nothing; required with lb-cni, whose
@@ -165,8 +171,17 @@ fn run(args: Args) -> Result<()> {
         zone: None,
     };
     let health = Arc::new(Health::default());
-    let health_addr = health::serve(args.health_bind_address, Arc::clone(&health))?;
-    info!(%health_addr, "serving /healthz and /readyz");
+    let metrics = Arc::new(Metrics::new(args.bpffs.clone()));
+    let health_addr = health::serve(
+        args.health_bind_address,
+        Arc::clone(&health),
+        Some(Arc::clone(&metrics)),
+    )?;
+    info!(%health_addr, "serving /healthz, /readyz and /metrics");
+    if let Some(addr) = args.metrics_bind_address {
+        let metrics_addr = health::serve_metrics(addr, Arc::clone(&metrics))?;
+        info!(%metrics_addr, "serving /metrics");
+    }
     let feed = match &args.manifests {
         Some(dir) => {
             info!(node = %node_name, manifests = %dir.display(), "following manifests");
@@ -200,7 +215,7 @@ fn run(args: Args) -> Result<()> {
             .node_addresses
             .clone()
             .unwrap_or_else(|| local_node_addresses.clone());
-        if sync(&snapshot, &config, &mut writer, &mut maps) {
+        if sync(&snapshot, &config, &mut writer, &mut maps, &metrics) {
             health.set_ready();
             failed = None;
         } else {
@@ -259,6 +274,7 @@ fn sync(
     config: &model::Config,
     writer: &mut Writer,
     maps: &mut BpfMaps,
+    metrics: &Metrics,
 ) -> bool {
     let started = Instant::now();
     for w in &snapshot.warnings {
@@ -272,6 +288,8 @@ fn sync(
     let desired = dataplane::desired(&model);
     match writer.apply(maps, &desired) {
         Ok(stats) => {
+            let latency = snapshot.changed_at.map(|t| t.elapsed());
+            metrics.synced(&desired, latency.map(|l| l.as_secs_f64()));
             info!(
                 services = objects.services.len(),
                 slices = objects.endpoint_slices.len(),
@@ -282,11 +300,13 @@ fn sync(
                 backends_added = stats.backends_added,
                 backends_removed = stats.backends_removed,
                 elapsed_us = started.elapsed().as_micros() as u64,
+                since_change_us = latency.map(|l| l.as_micros() as u64),
                 "maps programmed"
             );
             true
         }
         Err(e) => {
+            metrics.sync_failed();
             error!(
                 "programming maps failed: {e}; retrying in {RETRY_AFTER:?} or on the next change"
             );
