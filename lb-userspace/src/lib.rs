@@ -12,5 +12,6 @@ pub mod model;
 pub mod netlink;
 pub mod pin_lock;
 pub mod pod_interfaces;
+pub mod service_health;
 pub mod sources;
 pub mod trace;

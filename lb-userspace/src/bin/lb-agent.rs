@@ -17,6 +17,7 @@ use lb_userspace::{
     loader,
     metrics::Metrics,
     model,
+    service_health::{self, ServiceHealthServers},
     sources::{
         feed::{Feed, Snapshot},
         kube,
@@ -178,6 +179,8 @@ fn run(args: Args) -> Result<()> {
         Some(Arc::clone(&metrics)),
     )?;
     info!(%health_addr, "serving /healthz, /readyz and /metrics");
+    let mut hc_servers =
+        ServiceHealthServers::new(std::net::Ipv4Addr::UNSPECIFIED, Arc::clone(&health));
     if let Some(addr) = args.metrics_bind_address {
         let metrics_addr = health::serve_metrics(addr, Arc::clone(&metrics))?;
         info!(%metrics_addr, "serving /metrics");
@@ -215,7 +218,14 @@ fn run(args: Args) -> Result<()> {
             .node_addresses
             .clone()
             .unwrap_or_else(|| local_node_addresses.clone());
-        if sync(&snapshot, &config, &mut writer, &mut maps, &metrics) {
+        if sync(
+            &snapshot,
+            &config,
+            &mut writer,
+            &mut maps,
+            &metrics,
+            &mut hc_servers,
+        ) {
             health.set_ready();
             failed = None;
         } else {
@@ -275,6 +285,7 @@ fn sync(
     writer: &mut Writer,
     maps: &mut BpfMaps,
     metrics: &Metrics,
+    hc_servers: &mut ServiceHealthServers,
 ) -> bool {
     let started = Instant::now();
     for w in &snapshot.warnings {
@@ -286,6 +297,8 @@ fn sync(
         warn!("{w}");
     }
     let desired = dataplane::desired(&model);
+    // Health checks report the model (local endpoints), whatever the maps; they follow every sync.
+    hc_servers.sync(&service_health::wanted(&model));
     match writer.apply(maps, &desired) {
         Ok(stats) => {
             let latency = snapshot.changed_at.map(|t| t.elapsed());
