@@ -15,3 +15,4 @@ pub mod pod_interfaces;
 pub mod service_health;
 pub mod sources;
 pub mod trace;
+pub mod upgrade;

@@ -22,6 +22,7 @@ use lb_userspace::{
         feed::{Feed, Snapshot},
         kube,
     },
+    upgrade::{self, Upgrade},
 };
 use tracing::{error, info, warn};
 
@@ -144,12 +145,37 @@ fn run(args: Args) -> Result<()> {
     // Held until exit: two agents on one pin directory would hand out the same ids.
     let _pin_lock = lb_userspace::pin_lock::PinDirLock::acquire(&args.bpffs)?;
     info!(bpffs = %args.bpffs.display(), mounted, "pin directory ready");
+    // The layout version of what is pinned: adopt, migrate, or refuse (before anything is reused).
+    let upgrade = upgrade::prepare(&args.bpffs)?;
+    match &upgrade {
+        Upgrade::Fresh => info!(
+            version = lb_common::ABI_VERSION,
+            "no pinned maps: creating them"
+        ),
+        Upgrade::Current => info!(version = lb_common::ABI_VERSION, "adopting the pinned maps"),
+        Upgrade::FromV1 { aside } => warn!(
+            from = 1,
+            to = lb_common::ABI_VERSION,
+            aside = %aside.display(),
+            "pinned maps have layout version 1: migrating the conntrack entries to the new layout"
+        ),
+    }
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
     })?;
+    let copied = upgrade.before_attach(&args.bpffs)?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.
     lb_userspace::pod_interfaces::attach(&mut ebpf, &args.bpffs, &args.ifaces, &args.attach)?;
+    let late = upgrade.finish(&args.bpffs)?;
+    if matches!(upgrade, Upgrade::FromV1 { .. }) {
+        info!(
+            copied,
+            copied_after_attach = late,
+            version = lb_common::ABI_VERSION,
+            "conntrack migrated; the version 1 map is released"
+        );
+    }
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut writer = Writer::adopt(&maps)?;
     info!(
