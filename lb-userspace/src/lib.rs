@@ -2,6 +2,7 @@
 //! would do with them (`model`), and how that becomes BPF map contents (`dataplane`) and attached
 //! programs (`loader`).
 pub mod attach;
+pub mod cleanup;
 pub mod cni;
 pub mod dataplane;
 pub mod health;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     dataplane::{self, bpf::BpfMaps, Writer},
     health::{self, Health},
@@ -30,9 +30,13 @@ use tracing::{error, info, warn};
 #[command(
     name = "lb-agent",
     version,
-    about = "eBPF Service load balancer: node agent (kube-proxy replacement)"
+    about = "eBPF Service load balancer: node agent (kube-proxy replacement)",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    /// Without a command, the agent runs with the flags below.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Read Services and EndpointSlices from YAML files in DIR and follow changes (no cluster needed).
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
@@ -91,6 +95,17 @@ struct Args {
     log_format: LogFormat,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Remove every program, link and map the agent pinned under DIR (detaching the data path),
+    /// and the bpffs mount if the agent made it. Refused while an agent runs on DIR.
+    Cleanup {
+        /// The agent's pin directory.
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+    },
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum OnExit {
     Keep,
@@ -105,6 +120,9 @@ enum LogFormat {
 
 fn main() {
     let args = Args::parse();
+    if let Some(Command::Cleanup { bpffs }) = &args.command {
+        std::process::exit(cleanup(bpffs));
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match args.log_format {
@@ -270,6 +288,44 @@ fn run(args: Args) -> Result<()> {
     }
     drop(ebpf);
     Ok(())
+}
+
+/// `lb-agent cleanup`: prints what it removed; 0 when nothing of ours is left.
+fn cleanup(bpffs: &std::path::Path) -> i32 {
+    match lb_userspace::cleanup::cleanup(bpffs) {
+        Ok(report) => {
+            if report.not_bpffs {
+                println!(
+                    "{} is not on a bpffs: nothing is pinned there",
+                    bpffs.display()
+                );
+            }
+            for path in &report.removed {
+                println!("removed {}", path.display());
+            }
+            if report.unmounted {
+                println!(
+                    "unmounted the bpffs the agent had mounted on {}",
+                    bpffs.display()
+                );
+            }
+            if report.left.is_empty() {
+                if report.removed.is_empty() && !report.not_bpffs {
+                    println!("nothing to remove under {}", bpffs.display());
+                }
+                0
+            } else {
+                for path in &report.left {
+                    eprintln!("left {}: not created by lb-agent", path.display());
+                }
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("lb-agent cleanup: {e}");
+            1
+        }
+    }
 }
 
 /// A failed apply is retried this long after, unless a newer snapshot arrives first.
