@@ -21,6 +21,7 @@
 
 pub mod conntrack;
 pub mod csum;
+pub mod legacy;
 pub mod service;
 pub mod stats;
 
@@ -45,6 +46,9 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     /// PERCPU_ARRAY u32 reason ([`crate::stats::drop_reason`]) -> u64 packets.
     pub const DROPS: &str = "LB_DROPS";
+    /// ARRAY of one u32: the [`crate::ABI_VERSION`] of the maps pinned beside it. Created and
+    /// read by userspace only; its own layout never changes.
+    pub const META: &str = "LB_META";
 }
 
 /// Default map capacities. The conntrack size can be changed by the agent before load.

@@ -143,8 +143,9 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
 
     let now = monotonic_ns();
     let mut flows = Vec::new();
-    // (active, inactive) per backend id.
-    let mut conns: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    // (active, inactive) per frontend (rev_nat_id) and backend id: a backend shared by several
+    // frontends has separate counts under each, as ipvsadm shows them per virtual server.
+    let mut conns: BTreeMap<(u16, u32), (usize, usize)> = BTreeMap::new();
     for (k, v) in entries.iter().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
         let reply_key = CtKey {
             src_addr: v.nat_addr,
@@ -159,7 +160,7 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             .get(&reply_key)
             .is_some_and(|r| r.flags & CT_FLAG_CLOSING != 0);
         let closing = v.flags & CT_FLAG_CLOSING != 0 || reply_closing;
-        let c = conns.entry(v.backend_id).or_default();
+        let c = conns.entry((v.rev_nat_id, v.backend_id)).or_default();
         if k.proto == proto::TCP && !closing {
             c.0 += 1;
         } else {
@@ -193,7 +194,10 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             };
             let id = slot_value.backend_id;
             let Some(b) = backends.get(&id) else { continue };
-            let (active, inactive) = conns.get(&id).copied().unwrap_or_default();
+            let (active, inactive) = conns
+                .get(&(master.rev_nat_id, id))
+                .copied()
+                .unwrap_or_default();
             views.push(BackendView {
                 id,
                 address: SocketAddrV4::new(b.addr, b.port),

@@ -2,15 +2,19 @@
 //! would do with them (`model`), and how that becomes BPF map contents (`dataplane`) and attached
 //! programs (`loader`).
 pub mod attach;
+pub mod cleanup;
 pub mod cni;
 pub mod dataplane;
 pub mod health;
 pub mod inspect;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pin_lock;
 pub mod pod_interfaces;
+pub mod service_health;
 pub mod sources;
 pub mod trace;
+pub mod upgrade;
 pub mod uplink;

@@ -102,8 +102,18 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
         return Ok(mounted);
     }
     mount_bpffs(dir)?;
+    // Tells `lb-agent cleanup` that this mount is ours to remove (bpffs holds only pins and
+    // directories, so the record is an empty directory).
+    let marker = dir.join(MOUNT_MARKER);
+    std::fs::create_dir(&marker).map_err(|source| Error::CreateDir {
+        path: marker,
+        source,
+    })?;
     Ok(true)
 }
+
+/// Directory the agent creates in a bpffs it mounted itself on its `--bpffs` directory.
+pub const MOUNT_MARKER: &str = "mounted_by_lb_agent";
 
 /// Where systemd mounts bpffs.
 const STANDARD_BPFFS: &str = "/sys/fs/bpf";
@@ -130,7 +140,8 @@ fn mount_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_bpffs(dir: &Path) -> Result<bool> {
+/// Whether `dir` is on a bpffs.
+pub fn is_bpffs(dir: &Path) -> Result<bool> {
     let path = CString::new(dir.as_os_str().as_bytes()).expect("path without NUL");
     // SAFETY: statfs writes into the zeroed struct we own; `path` is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -145,7 +156,7 @@ fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-const PINNED_MAPS: [(&str, usize, usize); 7] = [
+pub const PINNED_MAPS: [(&str, usize, usize); 7] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),

@@ -26,6 +26,7 @@ mod backend;
 mod bpffs;
 pub mod cluster;
 pub mod fabric;
+mod http;
 mod netns;
 mod process;
 mod topology;
@@ -35,6 +36,7 @@ pub use backend::{
     EchoServer, Reply, TcpConn,
 };
 pub use bpffs::BpfFs;
+pub use http::{http_get, prometheus_sample, HttpResponse};
 pub use netns::Netns;
 pub use process::{spawn_in, ChildGuard};
 pub use topology::{Node, Pod, POD_GATEWAY};

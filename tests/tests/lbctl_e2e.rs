@@ -222,3 +222,77 @@ fn lbctl_trace_explains_new_and_established_flows_and_leaves_no_state() {
     );
     drop(conn);
 }
+
+#[test]
+fn connection_counts_are_per_frontend_when_backends_are_shared() {
+    let backends = [
+        ("be-1", Ipv4Addr::new(198, 18, 2, 1)),
+        ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
+    ];
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
+    // A second Service on the same pods and port: its frontend shares the backend ids.
+    let other = "---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: demo}
+spec:
+  clusterIP: 198.19.0.40
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: other}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- {addresses: [198.18.2.1], conditions: {ready: true}, nodeName: node-1}
+- {addresses: [198.18.2.2], conditions: {ready: true}, nodeName: node-1}
+";
+    let yaml = echo_service_yaml(VIP, 80, 8080, &ips) + other;
+    let bed = OneNode::start("ctshare", &backends, 8080, &yaml).unwrap();
+    let to = SocketAddrV4::new(VIP, 80);
+    bed.wait_for_tcp(to, Duration::from_secs(10)).unwrap();
+    let open: Vec<_> = (0..3)
+        .map(|_| tcp_connect(&bed.client.ns, to, TIMEOUT).unwrap())
+        .collect();
+
+    let services = lbctl(&bed, &["services"]);
+    let list = services.as_array().unwrap();
+    let find = |addr: &str| {
+        list.iter()
+            .find(|f| f["protocol"] == "TCP" && f["address"] == addr)
+            .unwrap_or_else(|| panic!("no TCP {addr} in {services:#}"))
+    };
+    let (echo, other) = (find("198.19.0.10:80"), find("198.19.0.40:80"));
+    let ids = |f: &Value| -> Vec<u64> {
+        let mut v: Vec<u64> = f["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_u64().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(echo), ids(other), "the frontends share backend ids");
+    assert_eq!(
+        sum(&echo["backends"], |b| b["active_connections"]
+            .as_u64()
+            .unwrap()),
+        3
+    );
+    assert_eq!(
+        sum(&other["backends"], |b| b["active_connections"]
+            .as_u64()
+            .unwrap()
+            + b["inactive_connections"].as_u64().unwrap()),
+        0,
+        "no flow went through the other frontend: {other:#}"
+    );
+    drop(open);
+}

@@ -10,15 +10,19 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     dataplane::{self, bpf::BpfMaps, Writer},
     health::{self, Health},
-    loader, model,
+    loader,
+    metrics::Metrics,
+    model,
+    service_health::{self, ServiceHealthServers},
     sources::{
         feed::{Feed, Snapshot},
         kube,
     },
+    upgrade::{self, Upgrade},
 };
 use tracing::{error, info, warn};
 
@@ -26,9 +30,13 @@ use tracing::{error, info, warn};
 #[command(
     name = "lb-agent",
     version,
-    about = "eBPF Service load balancer: node agent (kube-proxy replacement)"
+    about = "eBPF Service load balancer: node agent (kube-proxy replacement)",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    /// Without a command, the agent runs with the flags below.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Read Services and EndpointSlices from YAML files in DIR and follow changes (no cluster needed).
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
@@ -85,6 +93,10 @@ struct Args {
     /// Where /healthz (liveness) and /readyz (ready after the first full sync and apply) are served.
     #[arg(long, value_name = "ADDR:PORT", default_value = health::DEFAULT_BIND_ADDRESS, env = "LB_HEALTH_BIND_ADDRESS")]
     health_bind_address: std::net::SocketAddr,
+    /// Also serve /metrics alone on this address (kube-proxy's is 127.0.0.1:10249). /metrics is
+    /// always served on --health-bind-address as well; this adds a second listener.
+    #[arg(long, value_name = "ADDR:PORT", env = "LB_METRICS_BIND_ADDRESS")]
+    metrics_bind_address: Option<std::net::SocketAddr>,
     /// What happens to the data path when the agent stops. `keep` (default): programs stay
     /// attached through their pinned links and keep serving from the pinned maps, and a restarted
     /// agent adopts them, so a restart or upgrade drops nothing; required with lb-cni, whose
@@ -95,6 +107,17 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "LB_LOG_FORMAT")]
     log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Remove every program, link and map the agent pinned under DIR (detaching the data path),
+    /// and the bpffs mount if the agent made it. Refused while an agent runs on DIR.
+    Cleanup {
+        /// The agent's pin directory.
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+        bpffs: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -111,6 +134,9 @@ enum LogFormat {
 
 fn main() {
     let args = Args::parse();
+    if let Some(Command::Cleanup { bpffs }) = &args.command {
+        std::process::exit(cleanup(bpffs));
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match args.log_format {
@@ -151,10 +177,26 @@ fn run(args: Args) -> Result<()> {
     // Held until exit: two agents on one pin directory would hand out the same ids.
     let _pin_lock = lb_userspace::pin_lock::PinDirLock::acquire(&args.bpffs)?;
     info!(bpffs = %args.bpffs.display(), mounted, "pin directory ready");
+    // The layout version of what is pinned: adopt, migrate, or refuse (before anything is reused).
+    let upgrade = upgrade::prepare(&args.bpffs)?;
+    match &upgrade {
+        Upgrade::Fresh => info!(
+            version = lb_common::ABI_VERSION,
+            "no pinned maps: creating them"
+        ),
+        Upgrade::Current => info!(version = lb_common::ABI_VERSION, "adopting the pinned maps"),
+        Upgrade::FromV1 { aside } => warn!(
+            from = 1,
+            to = lb_common::ABI_VERSION,
+            aside = %aside.display(),
+            "pinned maps have layout version 1: migrating the conntrack entries to the new layout"
+        ),
+    }
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
     })?;
+    let copied = upgrade.before_attach(&args.bpffs)?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.
     lb_userspace::pod_interfaces::attach(&mut ebpf, &args.bpffs, &args.ifaces, &args.attach)?;
     let uplinks = if args.uplinks.is_empty() {
@@ -168,6 +210,15 @@ fn run(args: Args) -> Result<()> {
         &uplinks,
         args.xdp_mode,
     )?;
+    let late = upgrade.finish(&args.bpffs)?;
+    if matches!(upgrade, Upgrade::FromV1 { .. }) {
+        info!(
+            copied,
+            copied_after_attach = late,
+            version = lb_common::ABI_VERSION,
+            "conntrack migrated; the version 1 map is released"
+        );
+    }
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut writer = Writer::adopt(&maps)?;
     info!(
@@ -189,8 +240,19 @@ fn run(args: Args) -> Result<()> {
         zone: None,
     };
     let health = Arc::new(Health::default());
-    let health_addr = health::serve(args.health_bind_address, Arc::clone(&health))?;
-    info!(%health_addr, "serving /healthz and /readyz");
+    let metrics = Arc::new(Metrics::new(args.bpffs.clone()));
+    let health_addr = health::serve(
+        args.health_bind_address,
+        Arc::clone(&health),
+        Some(Arc::clone(&metrics)),
+    )?;
+    info!(%health_addr, "serving /healthz, /readyz and /metrics");
+    let mut hc_servers =
+        ServiceHealthServers::new(std::net::Ipv4Addr::UNSPECIFIED, Arc::clone(&health));
+    if let Some(addr) = args.metrics_bind_address {
+        let metrics_addr = health::serve_metrics(addr, Arc::clone(&metrics))?;
+        info!(%metrics_addr, "serving /metrics");
+    }
     let feed = match &args.manifests {
         Some(dir) => {
             info!(node = %node_name, manifests = %dir.display(), "following manifests");
@@ -224,7 +286,14 @@ fn run(args: Args) -> Result<()> {
             .node_addresses
             .clone()
             .unwrap_or_else(|| local_node_addresses.clone());
-        if sync(&snapshot, &config, &mut writer, &mut maps) {
+        if sync(
+            &snapshot,
+            &config,
+            &mut writer,
+            &mut maps,
+            &metrics,
+            &mut hc_servers,
+        ) {
             health.set_ready();
             failed = None;
         } else {
@@ -243,6 +312,44 @@ fn run(args: Args) -> Result<()> {
     }
     drop(ebpf);
     Ok(())
+}
+
+/// `lb-agent cleanup`: prints what it removed; 0 when nothing of ours is left.
+fn cleanup(bpffs: &std::path::Path) -> i32 {
+    match lb_userspace::cleanup::cleanup(bpffs) {
+        Ok(report) => {
+            if report.not_bpffs {
+                println!(
+                    "{} is not on a bpffs: nothing is pinned there",
+                    bpffs.display()
+                );
+            }
+            for path in &report.removed {
+                println!("removed {}", path.display());
+            }
+            if report.unmounted {
+                println!(
+                    "unmounted the bpffs the agent had mounted on {}",
+                    bpffs.display()
+                );
+            }
+            if report.left.is_empty() {
+                if report.removed.is_empty() && !report.not_bpffs {
+                    println!("nothing to remove under {}", bpffs.display());
+                }
+                0
+            } else {
+                for path in &report.left {
+                    eprintln!("left {}: not created by lb-agent", path.display());
+                }
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("lb-agent cleanup: {e}");
+            1
+        }
+    }
 }
 
 /// A failed apply is retried this long after, unless a newer snapshot arrives first.
@@ -287,6 +394,8 @@ fn sync(
     config: &model::Config,
     writer: &mut Writer,
     maps: &mut BpfMaps,
+    metrics: &Metrics,
+    hc_servers: &mut ServiceHealthServers,
 ) -> bool {
     let started = Instant::now();
     for w in &snapshot.warnings {
@@ -298,8 +407,12 @@ fn sync(
         warn!("{w}");
     }
     let desired = dataplane::desired(&model);
+    // Health checks report the model (local endpoints), whatever the maps; they follow every sync.
+    hc_servers.sync(&service_health::wanted(&model));
     match writer.apply(maps, &desired) {
         Ok(stats) => {
+            let latency = snapshot.changed_at.map(|t| t.elapsed());
+            metrics.synced(&desired, latency.map(|l| l.as_secs_f64()));
             info!(
                 services = objects.services.len(),
                 slices = objects.endpoint_slices.len(),
@@ -310,11 +423,13 @@ fn sync(
                 backends_added = stats.backends_added,
                 backends_removed = stats.backends_removed,
                 elapsed_us = started.elapsed().as_micros() as u64,
+                since_change_us = latency.map(|l| l.as_micros() as u64),
                 "maps programmed"
             );
             true
         }
         Err(e) => {
+            metrics.sync_failed();
             error!(
                 "programming maps failed: {e}; retrying in {RETRY_AFTER:?} or on the next change"
             );

@@ -32,6 +32,11 @@ pub struct Snapshot {
     pub node_addresses: Option<Vec<IpAddr>>,
     /// Problems with single objects or files, already skipped; for the log.
     pub warnings: Vec<String>,
+    /// When the source first saw a change this snapshot carries (the start of the manifests
+    /// poll that found it, the first watch event of a debounce window, the end of the first full
+    /// list). The agent measures sync latency, change to maps programmed, from here. When a
+    /// snapshot replaces one the agent had not taken yet, it keeps the earlier time.
+    pub changed_at: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +66,15 @@ pub struct Publisher {
 
 impl Publisher {
     /// Replaces any snapshot the agent has not taken yet.
-    pub fn publish(&self, snapshot: Snapshot) {
+    pub fn publish(&self, mut snapshot: Snapshot) {
         let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The replaced snapshot's change is not programmed yet either: measure from the earlier.
+        if let Some(untaken) = state.latest.take() {
+            snapshot.changed_at = match (untaken.changed_at, snapshot.changed_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         state.latest = Some(snapshot);
         self.slot.published.notify_all();
     }
@@ -156,11 +168,13 @@ impl Feed {
             move |publisher| {
                 let mut watcher = DirWatcher::new(&dir);
                 while !stop.load(Ordering::Relaxed) {
+                    let polled_at = Instant::now();
                     match watcher.changed() {
                         Ok(true) => match manifests::load_dir(&dir) {
                             Ok((objects, doc_warnings)) => publisher.publish(Snapshot {
                                 objects,
                                 node_addresses: None,
+                                changed_at: Some(polled_at),
                                 warnings: doc_warnings
                                     .iter()
                                     .map(|w| format!("manifest {w}"))
@@ -215,5 +229,26 @@ mod tests {
         assert_eq!(got.warnings, vec!["3".to_string()]);
         // The thread has ended: the feed reports it instead of waiting.
         assert!(feed.next(Duration::from_secs(10)).is_err());
+    }
+
+    #[test]
+    fn a_replacing_snapshot_keeps_the_earliest_change_time() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(500);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let feed = Feed::spawn("test", Box::new(|| {}), move |publisher| {
+            for changed_at in [Some(t0), Some(later), None] {
+                publisher.publish(Snapshot {
+                    changed_at,
+                    ..Default::default()
+                });
+            }
+            tx.send(()).unwrap();
+        })
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("source thread did not publish within 10 s");
+        let got = feed.next(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(got.changed_at, Some(t0), "the first untaken change counts");
     }
 }

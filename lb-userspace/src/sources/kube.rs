@@ -226,8 +226,12 @@ async fn run(client: Client, options: KubeOptions, publisher: Publisher) {
         warn!("Kubernetes source: a reflector ended before its first sync: {e}");
         return;
     }
-    let snapshot = || snapshot(&services, &slices, &nodes, &options.node_name);
-    let first = snapshot();
+    let snapshot = |changed_at| {
+        let mut s = snapshot(&services, &slices, &nodes, &options.node_name);
+        s.changed_at = Some(changed_at);
+        s
+    };
+    let first = snapshot(std::time::Instant::now());
     info!(
         services = first.objects.services.len(),
         slices = first.objects.endpoint_slices.len(),
@@ -255,7 +259,7 @@ async fn run(client: Client, options: KubeOptions, publisher: Publisher) {
                 _ = tokio::time::sleep_until(wake) => break,
             }
         }
-        publisher.publish(snapshot());
+        publisher.publish(snapshot(first_change.into_std()));
     }
 }
 
@@ -338,6 +342,7 @@ fn snapshot(
         objects,
         node_addresses,
         warnings: Vec::new(),
+        changed_at: None,
     }
 }
 
