@@ -65,6 +65,10 @@ pub const CT_FLAG_CLOSING: u16 = 1 << 0;
 pub const CT_FLAG_SNAT: u16 = 1 << 1;
 /// The flow came in from outside the node (XDP on an uplink).
 pub const CT_FLAG_EXTERNAL: u16 = 1 << 2;
+/// The flow's frontend is a NodePort, LoadBalancer IP or externalIP: its replies get a source
+/// that may be one of the node's own addresses, which the stack's input routing drops as
+/// martian, so the program routes them itself (FIB lookup and redirect).
+pub const CT_FLAG_ROUTE_REPLY: u16 = 1 << 3;
 
 /// Source ports the data path allocates for SNATed flows, inclusive. Above Linux's default
 /// ephemeral range (32768-60999, `net.ipv4.ip_local_port_range`) so they never collide with the

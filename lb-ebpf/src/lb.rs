@@ -6,12 +6,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{
-        timeout_ns, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL, CT_FLAG_SNAT,
-        SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
+        timeout_ns, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL,
+        CT_FLAG_ROUTE_REPLY, CT_FLAG_SNAT, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
     },
     service::{
-        BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_MASQUERADE,
-        SVC_FLAG_REJECT_EMPTY,
+        BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_EXTERNAL_FE,
+        SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
     },
     stats::drop_reason,
     BackendValue, CtKey, CtValue, ServiceKey, TrafficCounters,
@@ -70,7 +70,7 @@ impl Nat {
             src_port: v.nat_port,
             dst_addr: if snat { v.peer_addr } else { flow.dst_addr },
             dst_port: if snat { v.peer_port } else { flow.dst_port },
-            transmit: v.flags & (CT_FLAG_SNAT | CT_FLAG_EXTERNAL) != 0,
+            transmit: v.flags & (CT_FLAG_SNAT | CT_FLAG_ROUTE_REPLY) != 0,
         }
     }
 }
@@ -382,6 +382,11 @@ fn commit(
     len: u64,
     now: u64,
 ) -> Verdict {
+    let extra_flags = if pick.svc_flags & SVC_FLAG_EXTERNAL_FE != 0 {
+        extra_flags | CT_FLAG_ROUTE_REPLY
+    } else {
+        extra_flags
+    };
     let (flags, peer_addr, peer_port) = match snat {
         Some((a, p)) => (extra_flags | CT_FLAG_SNAT, a, p),
         None => (extra_flags, 0, 0),

@@ -7,7 +7,9 @@ use std::net::Ipv4Addr;
 use etherparse::{IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder};
 use fixture::{assert_checksums_valid, port_unreachable, quote, tcp_packet, udp_packet, Fixture};
 use lb_common::{
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_EXTERNAL, CT_FLAG_SNAT},
+    conntrack::{
+        CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_EXTERNAL, CT_FLAG_ROUTE_REPLY, CT_FLAG_SNAT,
+    },
     ipv4_to_net, net_to_port, port_to_net,
     proto::{TCP, UDP},
     service::{SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE},
@@ -155,7 +157,7 @@ fn nodeport_to_a_local_backend_is_dnated_and_handed_to_the_stack() {
     let entries = f.conntrack_entries();
     assert_eq!(entries.len(), 2, "{entries:?}");
     let (_, fwd) = find(&entries, CT_DIR_FORWARD);
-    assert_eq!(fwd.flags, CT_FLAG_EXTERNAL);
+    assert_eq!(fwd.flags, CT_FLAG_EXTERNAL | CT_FLAG_ROUTE_REPLY);
     let (rk, rv) = find(&entries, CT_DIR_REPLY);
     assert_eq!(
         (rk.src_addr, rk.dst_addr, rv.nat_addr, rv.nat_port),
@@ -183,7 +185,10 @@ fn snat_syn(up: &Uplink, f: &mut Fixture, client: (Ipv4Addr, u16)) -> u16 {
                 && k.src_port == port_to_net(client.1)
         })
         .expect("forward entry of the flow");
-    assert_eq!(fwd.flags, CT_FLAG_SNAT | CT_FLAG_EXTERNAL);
+    assert_eq!(
+        fwd.flags,
+        CT_FLAG_SNAT | CT_FLAG_EXTERNAL | CT_FLAG_ROUTE_REPLY
+    );
     assert_eq!(
         fwd.peer_addr,
         ipv4_to_net(NODE),
