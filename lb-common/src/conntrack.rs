@@ -69,6 +69,12 @@ pub const CT_FLAG_EXTERNAL: u16 = 1 << 2;
 /// that may be one of the node's own addresses, which the stack's input routing drops as
 /// martian, so the program routes them itself (FIB lookup and redirect).
 pub const CT_FLAG_ROUTE_REPLY: u16 = 1 << 3;
+/// Set on a reply entry once a packet has come back from the backend: for TCP the handshake got
+/// an answer, and the flow moves from the short SYN timeout to the long established one.
+pub const CT_FLAG_SEEN_REPLY: u16 = 1 << 4;
+/// A hairpin flow: a pod reached itself through a frontend, so the flow is source-NATed to the
+/// frontend address (`peer_addr`/`peer_port` as with [`CT_FLAG_SNAT`], which is also set).
+pub const CT_FLAG_HAIRPIN: u16 = 1 << 5;
 
 /// Source ports the data path allocates for SNATed flows, inclusive. Above Linux's default
 /// ephemeral range (32768-60999, `net.ipv4.ip_local_port_range`) so they never collide with the
@@ -78,30 +84,65 @@ pub const SNAT_PORT_MAX: u16 = 65_535;
 /// Random ports tried for one new SNATed flow before it is dropped (counted as exhausted).
 pub const SNAT_PORT_TRIES: u32 = 8;
 
-/// Idle timeouts, in seconds, after which an entry is expired: a SNAT port whose entry expired
-/// may be given to a new flow. (Entries also leave by LRU eviction when the table is full.)
+/// Idle timeouts, in seconds, after which a flow is expired. A flow is idle when neither of its
+/// entries saw a packet for that long; its state is the union of both entries' flags. An expired
+/// flow's next packet is treated as a new flow, the agent's conntrack GC deletes expired entries,
+/// and a SNAT port whose flow expired may be given to a new one. (Entries also leave by LRU
+/// eviction when the table is full.) The values are Cilium's defaults.
 pub mod timeout {
+    /// TCP before any reply (a SYN without an answer).
+    pub const TCP_SYN: u64 = 60;
     /// TCP after FIN or RST.
     pub const TCP_CLOSING: u64 = 10;
-    /// TCP otherwise.
+    /// TCP once the backend answered and until FIN or RST.
     pub const TCP: u64 = 21_600;
     /// UDP and everything else.
     pub const OTHER: u64 = 60;
 }
 
-/// The idle timeout of an entry, in nanoseconds.
+/// The idle timeout, in nanoseconds, of a flow of protocol `proto` whose entries carry `flags`
+/// (the union of the forward and reply entries' flags where both are known).
 #[inline(always)]
 pub const fn timeout_ns(proto: u8, flags: u16) -> u64 {
     let secs = if proto == crate::proto::TCP {
         if flags & CT_FLAG_CLOSING != 0 {
             timeout::TCP_CLOSING
-        } else {
+        } else if flags & CT_FLAG_SEEN_REPLY != 0 {
             timeout::TCP
+        } else {
+            timeout::TCP_SYN
         }
     } else {
         timeout::OTHER
     };
     secs * 1_000_000_000
+}
+
+/// The shortest of the timeouts, in nanoseconds: an entry idle for less than this is alive
+/// whatever its state, which spares the data path a second lookup on every packet.
+pub const MIN_TIMEOUT_NS: u64 = timeout::TCP_CLOSING * 1_000_000_000;
+
+/// Whether a flow whose last packet (either direction) was at `last_seen_ns` has expired at
+/// `now_ns`.
+#[inline(always)]
+pub const fn expired(proto: u8, flags: u16, last_seen_ns: u64, now_ns: u64) -> bool {
+    now_ns.wrapping_sub(last_seen_ns) > timeout_ns(proto, flags) && now_ns > last_seen_ns
+}
+
+/// The key of the reply entry that belongs to the forward entry `fwd`/`v`: the backend answers
+/// to the client, or to the SNAT address and port.
+#[inline(always)]
+pub const fn reply_key_of(fwd: &CtKey, v: &CtValue) -> CtKey {
+    let snat = v.flags & CT_FLAG_SNAT != 0;
+    CtKey {
+        src_addr: v.nat_addr,
+        dst_addr: if snat { v.peer_addr } else { fwd.src_addr },
+        src_port: v.nat_port,
+        dst_port: if snat { v.peer_port } else { fwd.src_port },
+        proto: fwd.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    }
 }
 
 #[cfg(feature = "user")]

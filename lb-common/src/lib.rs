@@ -13,6 +13,7 @@
 //!  backends   HASH     u32 backend id -> BackendValue{addr,port,proto,flags}
 //!  rev_nat    HASH     u16 rev_nat_id -> RevNatValue{addr,port} (the frontend replies come from)
 //!  conntrack  LRU_HASH CtKey{5-tuple as seen on the wire, direction} -> CtValue
+//!  affinity LRU_HASH AffinityKey{client,group} -> AffinityValue{backend,last_used}
 //!  fe_stats   PERCPU_HASH u32 rev_nat_id -> TrafficCounters
 //!  be_stats   PERCPU_HASH u32 backend id -> TrafficCounters
 //!  drops      PERCPU_ARRAY u32 drop reason -> u64 packets
@@ -26,7 +27,9 @@ pub mod service;
 pub mod stats;
 
 pub use conntrack::{CtKey, CtValue};
-pub use service::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+pub use service::{
+    AffinityKey, AffinityValue, BackendValue, RevNatValue, ServiceKey, ServiceValue,
+};
 pub use stats::TrafficCounters;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape; the agent refuses to
@@ -42,6 +45,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "LB_BACKENDS";
     pub const REV_NAT: &str = "LB_REV_NAT";
     pub const CONNTRACK: &str = "LB_CONNTRACK";
+    /// LRU_HASH [`crate::AffinityKey`] -> [`crate::AffinityValue`]: ClientIP session affinity.
+    pub const AFFINITY: &str = "LB_AFFINITY";
     pub const FRONTEND_STATS: &str = "LB_FE_STATS";
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     /// PERCPU_ARRAY u32 reason ([`crate::stats::drop_reason`]) -> u64 packets.
@@ -59,6 +64,8 @@ pub mod map_sizes {
     pub const REV_NAT: u32 = 65_536;
     /// Two entries per flow (forward and reply).
     pub const CONNTRACK: u32 = 262_144;
+    /// One per (client address, ServicePort with affinity) pair in use.
+    pub const AFFINITY: u32 = 65_536;
     /// One per frontend (rev_nat ids are u16).
     pub const FRONTEND_STATS: u32 = 65_536;
     /// One per backend.

@@ -53,7 +53,10 @@ pub struct ServiceValue {
     pub rev_nat_id: u16,
     /// `SVC_FLAG_*` bits (master only).
     pub flags: u16,
-    pub _pad: u16,
+    /// ClientIP session affinity: the id the affinity map is keyed by, shared by every frontend
+    /// of the ServicePort (the rev_nat_id of its ClusterIP frontend). Zero when affinity is off
+    /// (master only).
+    pub affinity_group: u16,
     /// Session-affinity timeout in seconds, 0 when affinity is off (master only).
     pub affinity_timeout: u32,
 }
@@ -69,6 +72,39 @@ pub const SVC_FLAG_MASQUERADE: u16 = 1 << 2;
 /// The ServicePort has no usable endpoint anywhere: new flows are refused rather than dropped
 /// (a count of zero without this flag means "endpoints exist, none this traffic may use").
 pub const SVC_FLAG_REJECT_EMPTY: u16 = 1 << 3;
+
+/// The slots hold only backends on this node (internalTrafficPolicy=Local for the internal scope,
+/// externalTrafficPolicy=Local for the external one): session affinity may only return a flow
+/// to a local backend.
+pub const SVC_FLAG_LOCAL_BACKENDS: u16 = 1 << 6;
+
+/// Key of the session-affinity map: a client address and the ServicePort's affinity group.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AffinityKey {
+    /// Client IPv4 address, network order.
+    pub client_addr: u32,
+    /// [`ServiceValue::affinity_group`].
+    pub group: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+/// Value of the session-affinity map: the backend the client's last new connection got.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    /// The backend's address and port (network order) when the entry was written: backend ids
+    /// are reused, so an entry only counts while the id still names this backend.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` of the last new connection that used this entry.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
 
 /// Value of the backends map, keyed by a `u32` backend id (ids start at 1; 0 means none).
 #[repr(C)]
@@ -103,7 +139,7 @@ const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four types are repr(C), contain only integers and have no implicit padding
+    // SAFETY: all these types are repr(C), contain only integers and have no implicit padding
     // (checked by the size assertions above), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::ServiceKey {}
     // SAFETY: as above.
@@ -112,4 +148,8 @@ mod pod {
     unsafe impl aya::Pod for super::BackendValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNatValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
 }

@@ -6,19 +6,21 @@ use aya_ebpf::{
 };
 use lb_common::{
     conntrack::{
-        timeout_ns, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL,
-        CT_FLAG_ROUTE_REPLY, CT_FLAG_SNAT, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
+        expired, reply_key_of, CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING, CT_FLAG_EXTERNAL,
+        CT_FLAG_HAIRPIN, CT_FLAG_ROUTE_REPLY, CT_FLAG_SEEN_REPLY, CT_FLAG_SNAT, MIN_TIMEOUT_NS,
+        SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES,
     },
     service::{
-        BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_EXTERNAL_FE,
-        SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
     },
     stats::drop_reason,
-    BackendValue, CtKey, CtValue, ServiceKey, TrafficCounters,
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, ServiceKey, ServiceValue,
+    TrafficCounters,
 };
 
 use crate::{
-    maps::{count_drop, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
+    maps::{count_drop, AFFINITY, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
     packet::{Flow, IcmpError, IcmpNat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -101,14 +103,18 @@ fn ct_key(flow: &Flow, dir: u8) -> CtKey {
 }
 
 /// Refreshes the entry's timestamp (at most once a second) and marks it closing on a TCP FIN or
-/// RST. Returns whether the timestamp was renewed, which callers use as their once-a-second tick.
+/// RST; `state` is set too when missing ([`CT_FLAG_SEEN_REPLY`] on reply entries). Returns
+/// whether the timestamp was renewed, which callers use as their once-a-second tick.
 #[inline(always)]
-fn refresh(entry: *mut CtValue, now: u64, flow: &Flow) -> bool {
+fn refresh(entry: *mut CtValue, now: u64, flow: &Flow, state: u16) -> bool {
     // SAFETY: `entry` comes from a successful map lookup and points into the map value, which
     // stays valid for the rest of this program run; the writes are plain aligned stores.
     unsafe {
         if flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && (*entry).flags & CT_FLAG_CLOSING == 0 {
             (*entry).flags |= CT_FLAG_CLOSING;
+        }
+        if (*entry).flags & state != state {
+            (*entry).flags |= state;
         }
         if now.wrapping_sub((*entry).last_seen_ns) > CT_REFRESH_NS {
             (*entry).last_seen_ns = now;
@@ -122,24 +128,7 @@ fn refresh(entry: *mut CtValue, now: u64, flow: &Flow) -> bool {
 /// client, or to the SNAT address and port.
 #[inline(always)]
 fn reply_key(flow: &Flow, forward: &CtValue) -> CtKey {
-    let snat = forward.flags & CT_FLAG_SNAT != 0;
-    CtKey {
-        src_addr: forward.nat_addr,
-        dst_addr: if snat {
-            forward.peer_addr
-        } else {
-            flow.src_addr
-        },
-        src_port: forward.nat_port,
-        dst_port: if snat {
-            forward.peer_port
-        } else {
-            flow.src_port
-        },
-        proto: flow.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    }
+    reply_key_of(&ct_key(flow, CT_DIR_FORWARD), forward)
 }
 
 /// The reply entry's value: the frontend as the source to restore and, with SNAT, the client
@@ -208,7 +197,12 @@ pub fn process_reply(flow: &Flow, len: u64) -> Verdict {
         // SAFETY: see `refresh`; the value is copied out.
         let v = unsafe { *entry };
         // SAFETY: bpf_ktime_get_ns has no preconditions.
-        refresh(entry, unsafe { bpf_ktime_get_ns() }, flow);
+        refresh(
+            entry,
+            unsafe { bpf_ktime_get_ns() },
+            flow,
+            CT_FLAG_SEEN_REPLY,
+        );
         count(v.rev_nat_id, v.backend_id, len, Direction::Out, false);
         return Verdict::Nat(Nat::reply(flow, &v));
     }
@@ -233,54 +227,87 @@ fn lookup_tracked(flow: &Flow, len: u64, now: u64, record: bool) -> Tracked {
         // SAFETY: see `refresh`; the value is copied out.
         let v = unsafe { *entry };
         if record {
-            refresh(entry, now, flow);
+            refresh(entry, now, flow, CT_FLAG_SEEN_REPLY);
             count(v.rev_nat_id, v.backend_id, len, Direction::Out, false);
         }
         return Tracked::Reply(v);
     }
 
-    // 2. A packet of a flow that already has its backend, as long as that backend still exists
-    // with the address the flow was given (ids are reused after a backend is deleted), and the
-    // packet is not a new connection reusing the ports of one that closed.
+    // 2. A packet of a flow that already has its backend. The flow stays there unless it expired,
+    // or it is a new TCP connection reusing the ports of one that closed, or it is not TCP and
+    // its backend is gone (no longer a serving endpoint; ids are reused, so the id must still
+    // name the address the flow was given): UDP flows are then re-balanced on their next
+    // datagram, while TCP connections keep their backend to the end, as with kube-proxy.
     let fwd_key = ct_key(flow, CT_DIR_FORWARD);
     let Some(entry) = CONNTRACK.get_ptr_mut(fwd_key) else {
         return Tracked::New { stale: false };
     };
     // SAFETY: see `refresh`; the value is copied out.
     let v = unsafe { *entry };
-    let fresh_syn =
-        flow.proto == lb_common::proto::TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let tcp = flow.proto == lb_common::proto::TCP;
+    let fresh_syn = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let reused_ports = fresh_syn && v.flags & CT_FLAG_CLOSING != 0;
     // SAFETY: the value is only read.
     let backend_alive = unsafe { BACKENDS.get(v.backend_id) }
         .is_some_and(|b| b.addr == v.nat_addr && b.port == v.nat_port);
-    if !backend_alive || reused_ports {
+    if (!tcp && !backend_alive) || reused_ports || flow_expired(flow, &v, now) {
         return Tracked::New { stale: true };
     }
     if record {
-        if refresh(entry, now, flow) {
+        if refresh(entry, now, flow, 0) {
             // LRU eviction can take the reply entry alone; without it replies would go out with
             // the backend's address. Checked once a second, not per packet.
             let rk = reply_key(flow, &v);
-            // SAFETY: copied out immediately.
-            match unsafe { CONNTRACK.get(rk) }.copied() {
+            match CONNTRACK.get_ptr_mut(rk) {
                 None => {
                     let _ = CONNTRACK.insert(rk, reply_value(&v, flow), 0);
                 }
-                // A SNAT port whose reply entry expired may have gone to another flow: this
-                // flow lost its port and is treated as new.
-                Some(r)
+                Some(r) => {
+                    // SAFETY: points into the map value (see `refresh`).
+                    let (peer_addr, peer_port) = unsafe { ((*r).peer_addr, (*r).peer_port) };
+                    // A SNAT port whose flow expired may have gone to another flow: this flow
+                    // lost its port and is treated as new.
                     if v.flags & CT_FLAG_SNAT != 0
-                        && (r.peer_addr != flow.src_addr || r.peer_port != flow.src_port) =>
-                {
-                    return Tracked::New { stale: true };
+                        && (peer_addr != flow.src_addr || peer_port != flow.src_port)
+                    {
+                        return Tracked::New { stale: true };
+                    }
+                    // The reply entry carries the flow's last activity too, so that a flow
+                    // sending one way only (UDP) keeps its SNAT port.
+                    // SAFETY: as above; a plain aligned store.
+                    unsafe { (*r).last_seen_ns = now };
                 }
-                Some(_) => {}
             }
         }
-        count(v.rev_nat_id, v.backend_id, len, Direction::In, false);
+        // A TCP flow whose backend left keeps going, but its id may name another backend by
+        // now: count it for the frontend only.
+        let backend_id = if backend_alive { v.backend_id } else { 0 };
+        count(v.rev_nat_id, backend_id, len, Direction::In, false);
     }
     Tracked::Forward(v)
+}
+
+/// Whether the flow of forward entry `v` expired: neither direction saw a packet within the
+/// timeout of the flow's state. The reply entry is only read when the forward entry alone has
+/// been idle longer than the shortest timeout.
+#[inline(always)]
+fn flow_expired(flow: &Flow, v: &CtValue, now: u64) -> bool {
+    if now.wrapping_sub(v.last_seen_ns) <= MIN_TIMEOUT_NS || now < v.last_seen_ns {
+        return false;
+    }
+    // SAFETY: copied out immediately.
+    let (flags, last) = match unsafe { CONNTRACK.get(reply_key(flow, v)) }.copied() {
+        Some(r) => (
+            v.flags | r.flags,
+            if r.last_seen_ns > v.last_seen_ns {
+                r.last_seen_ns
+            } else {
+                v.last_seen_ns
+            },
+        ),
+        None => (v.flags, v.last_seen_ns),
+    };
+    expired(flow.proto, flags, last, now)
 }
 
 /// Decides what to do with one packet from a pod on this node (tc) of `len` bytes and, when
@@ -300,16 +327,68 @@ pub fn process(flow: &Flow, len: u64, record: bool) -> Verdict {
         Ok(p) => p,
         Err(v) => return v,
     };
+    // A pod that reaches itself through a frontend (hairpin) would get its own address as the
+    // source, which its stack drops as martian, and would answer itself locally: the flow is
+    // source-NATed to the frontend address (keeping the client's port), so the answer comes
+    // back out of the pod to be translated.
+    let hairpin = pick.backend.addr == flow.src_addr;
     if !record {
         return Verdict::Nat(Nat {
-            src_addr: flow.src_addr,
+            src_addr: if hairpin {
+                flow.dst_addr
+            } else {
+                flow.src_addr
+            },
             src_port: flow.src_port,
             dst_addr: pick.backend.addr,
             dst_port: pick.backend.port,
-            transmit: false,
+            transmit: hairpin,
         });
     }
+    if hairpin {
+        return commit_hairpin(flow, &pick, stale, len, now);
+    }
     commit(flow, &pick, None, 0, stale, len, now)
+}
+
+/// Records a hairpin flow: its reply entry is keyed by the backend (the pod itself) answering the
+/// frontend address and the client's port, and turns the answer back into frontend -> client.
+#[inline(always)]
+fn commit_hairpin(flow: &Flow, pick: &Pick, stale: bool, len: u64, now: u64) -> Verdict {
+    let rk = CtKey {
+        src_addr: pick.backend.addr,
+        dst_addr: flow.dst_addr,
+        src_port: pick.backend.port,
+        dst_port: flow.src_port,
+        proto: flow.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let flags = CT_FLAG_SNAT | CT_FLAG_HAIRPIN;
+    let reply = CtValue {
+        backend_id: pick.backend_id,
+        rev_nat_id: pick.rev_nat_id,
+        flags,
+        nat_addr: flow.dst_addr,
+        nat_port: flow.dst_port,
+        peer_port: flow.src_port,
+        peer_addr: flow.src_addr,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // BPF_ANY: the only other flow with this reply tuple is this one's previous life.
+    if CONNTRACK.insert(rk, reply, BPF_ANY as u64).is_err() {
+        return drop(drop_reason::MAP_INCONSISTENT, true);
+    }
+    commit(
+        flow,
+        pick,
+        Some((flow.dst_addr, flow.src_port)),
+        CT_FLAG_HAIRPIN,
+        stale,
+        len,
+        now,
+    )
 }
 
 /// A new flow's backend.
@@ -341,6 +420,11 @@ fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
         };
         return Err(drop(reason, record));
     }
+    if master.affinity_timeout != 0 {
+        if let Some(pick) = affinity_pick(flow, &master, record) {
+            return Ok(pick);
+        }
+    }
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let pick = unsafe { bpf_get_prandom_u32() } % master.count as u32;
     let slot_key = ServiceKey::new(
@@ -360,6 +444,9 @@ fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
         Some(b) => *b,
         None => return Err(drop(drop_reason::MAP_INCONSISTENT, record)),
     };
+    if master.affinity_timeout != 0 && record {
+        affinity_store(flow, &master, backend_id, &backend);
+    }
     Ok(Pick {
         backend_id,
         backend,
@@ -367,6 +454,67 @@ fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
         svc_flags: master.flags,
         stale: false,
     })
+}
+
+#[inline(always)]
+fn affinity_key(flow: &Flow, master: &ServiceValue) -> AffinityKey {
+    AffinityKey {
+        client_addr: flow.src_addr,
+        group: master.affinity_group,
+        _pad: 0,
+    }
+}
+
+/// ClientIP session affinity: the backend this client's last new connection to the ServicePort
+/// got, if that was within the timeout and the backend is still usable for this frontend (it
+/// still exists under the same id, is not terminating, and is local when the frontend's slots
+/// are local-only). A hit is refreshed: each new connection restarts the timeout.
+#[inline(always)]
+fn affinity_pick(flow: &Flow, master: &ServiceValue, record: bool) -> Option<Pick> {
+    let entry = AFFINITY.get_ptr_mut(affinity_key(flow, master))?;
+    // SAFETY: points into the map value (see `refresh`); copied out.
+    let a = unsafe { *entry };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(a.last_used_ns) > master.affinity_timeout as u64 * 1_000_000_000 {
+        return None;
+    }
+    // SAFETY: copied out immediately.
+    let backend = unsafe { BACKENDS.get(a.backend_id) }.copied()?;
+    let local_only = master.flags & SVC_FLAG_LOCAL_BACKENDS != 0;
+    if backend.addr != a.backend_addr
+        || backend.port != a.backend_port
+        || backend.flags & BACKEND_FLAG_TERMINATING != 0
+        || (local_only && backend.flags & BACKEND_FLAG_LOCAL == 0)
+    {
+        return None;
+    }
+    if record {
+        // SAFETY: as above; a plain aligned store into the map value.
+        unsafe { (*entry).last_used_ns = now };
+    }
+    Some(Pick {
+        backend_id: a.backend_id,
+        backend,
+        rev_nat_id: master.rev_nat_id,
+        svc_flags: master.flags,
+        stale: false,
+    })
+}
+
+/// Remembers the backend a new connection got, for the client's next ones.
+#[inline(always)]
+fn affinity_store(flow: &Flow, master: &ServiceValue, backend_id: u32, backend: &BackendValue) {
+    let value = AffinityValue {
+        backend_id,
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        _pad: 0,
+        _pad2: 0,
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        last_used_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = AFFINITY.insert(affinity_key(flow, master), value, BPF_ANY as u64);
 }
 
 /// Records a new flow (forward and reply entries, counters) and returns its translation.
@@ -509,10 +657,9 @@ pub fn commit_snat(flow: &Flow, pick: &Pick, node_addr: u32, len: u64) -> Verdic
         // sends again).
         let claimed = CONNTRACK.insert(rk, reply, BPF_NOEXIST as u64).is_ok() || {
             // SAFETY: copied out immediately.
-            let expired = unsafe { CONNTRACK.get(rk) }.is_some_and(|old| {
-                now.wrapping_sub(old.last_seen_ns) > timeout_ns(flow.proto, old.flags)
-            });
-            expired && CONNTRACK.insert(rk, reply, BPF_ANY as u64).is_ok()
+            let held_by_expired = unsafe { CONNTRACK.get(rk) }
+                .is_some_and(|old| expired(flow.proto, old.flags, old.last_seen_ns, now));
+            held_by_expired && CONNTRACK.insert(rk, reply, BPF_ANY as u64).is_ok()
         };
         if claimed {
             return commit(

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
-    TrafficCounters, BPF_F_NO_PREALLOC,
+    map_sizes, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey,
+    ServiceValue, TrafficCounters, BPF_F_NO_PREALLOC,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -20,6 +20,10 @@ pub static REV_NAT: HashMap<u16, RevNatValue> = HashMap::pinned(map_sizes::REV_N
 
 #[map(name = "LB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CONNTRACK, 0);
+
+#[map(name = "LB_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(map_sizes::AFFINITY, 0);
 
 #[map(name = "LB_FE_STATS")]
 pub static FRONTEND_STATS: PerCpuHashMap<u32, TrafficCounters> =

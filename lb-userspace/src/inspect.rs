@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use lb_common::{
-    conntrack::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_FLAG_CLOSING},
+    conntrack::{reply_key_of, timeout_ns, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY},
     map_names, net_to_ipv4, net_to_port, proto, CtKey, CtValue, TrafficCounters,
 };
 use serde::Serialize;
@@ -79,8 +79,13 @@ pub struct FlowView {
     pub backend: SocketAddrV4,
     pub backend_id: u32,
     pub closing: bool,
-    /// Seconds since the last packet (conntrack refreshes at most once a second).
+    /// `syn` (TCP, no answer yet), `established` (TCP), `closing` (TCP after FIN or RST), or
+    /// `open` (UDP): the state whose timeout applies.
+    pub state: &'static str,
+    /// Seconds since the last packet either way (refreshed at most once a second).
     pub idle_seconds: u64,
+    /// Seconds left before the flow expires if it stays idle.
+    pub expires_in_seconds: u64,
 }
 
 /// Everything lbctl shows, read once.
@@ -147,19 +152,17 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
     // frontends has separate counts under each, as ipvsadm shows them per virtual server.
     let mut conns: BTreeMap<(u16, u32), (usize, usize)> = BTreeMap::new();
     for (k, v) in entries.iter().filter(|(k, _)| k.dir == CT_DIR_FORWARD) {
-        let reply_key = CtKey {
-            src_addr: v.nat_addr,
-            dst_addr: k.src_addr,
-            src_port: v.nat_port,
-            dst_port: k.src_port,
-            proto: k.proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
+        let reply = entries.get(&reply_key_of(k, v));
+        let flags = v.flags | reply.map_or(0, |r| r.flags);
+        let last_seen = v.last_seen_ns.max(reply.map_or(0, |r| r.last_seen_ns));
+        let closing = flags & CT_FLAG_CLOSING != 0;
+        let state = match (k.proto, closing, flags & CT_FLAG_SEEN_REPLY != 0) {
+            (proto::TCP, true, _) => "closing",
+            (proto::TCP, false, true) => "established",
+            (proto::TCP, false, false) => "syn",
+            _ => "open",
         };
-        let reply_closing = entries
-            .get(&reply_key)
-            .is_some_and(|r| r.flags & CT_FLAG_CLOSING != 0);
-        let closing = v.flags & CT_FLAG_CLOSING != 0 || reply_closing;
+        let idle_ns = now.saturating_sub(last_seen);
         let c = conns.entry((v.rev_nat_id, v.backend_id)).or_default();
         if k.proto == proto::TCP && !closing {
             c.0 += 1;
@@ -174,7 +177,9 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             backend: sock(v.nat_addr, v.nat_port),
             backend_id: v.backend_id,
             closing,
-            idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+            state,
+            idle_seconds: idle_ns / 1_000_000_000,
+            expires_in_seconds: timeout_ns(k.proto, flags).saturating_sub(idle_ns) / 1_000_000_000,
         });
     }
 
@@ -281,17 +286,18 @@ pub fn stats_table(s: &Snapshot) -> String {
 /// One line per tracked flow.
 pub fn conntrack_table(flows: &[&FlowView]) -> String {
     let mut out = String::from(
-        "Prot Client                Frontend              Backend               State   Idle\n",
+        "Prot Client                Frontend              Backend               State       Idle  Expires\n",
     );
     for f in flows {
         out.push_str(&format!(
-            "{:<4} {:<21} {:<21} {:<21} {:<7} {}s\n",
+            "{:<4} {:<21} {:<21} {:<21} {:<11} {:<5} {}s\n",
             f.protocol,
             f.client.to_string(),
             f.frontend.to_string(),
             f.backend.to_string(),
-            if f.closing { "closing" } else { "open" },
-            f.idle_seconds
+            f.state,
+            format!("{}s", f.idle_seconds),
+            f.expires_in_seconds
         ));
     }
     out

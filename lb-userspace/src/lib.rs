@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod cleanup;
 pub mod cni;
+pub mod conntrack_gc;
 pub mod dataplane;
 pub mod health;
 pub mod inspect;

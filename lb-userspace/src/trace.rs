@@ -13,8 +13,8 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use lb_common::{
-    conntrack::CT_DIR_FORWARD, ipv4_to_net, map_names, port_to_net, proto, CtKey, CtValue,
-    ServiceKey,
+    conntrack::CT_DIR_FORWARD, ipv4_to_net, map_names, port_to_net, proto, AffinityKey,
+    AffinityValue, CtKey, CtValue, ServiceKey,
 };
 use serde::Serialize;
 
@@ -61,6 +61,7 @@ pub struct Trace {
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 fn packet(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> Result<Vec<u8>, Error> {
     let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
@@ -187,7 +188,7 @@ pub fn trace(
                 _ => "dropped".into(),
             };
         }
-        (TC_ACT_OK, Some(backend)) => {
+        (TC_ACT_OK | TC_ACT_REDIRECT, Some(backend)) => {
             t.verdict = "dnat";
             t.backend = Some(backend);
             let backends: std::collections::BTreeMap<u32, _> =
@@ -203,15 +204,37 @@ pub fn trace(
                         })
                 })
             });
-            t.reason = match established {
-                Some(_) => format!("established flow: conntrack keeps it on {backend}"),
-                None => format!(
-                    "new flow to frontend {dst}/{}: random choice among {} backends picked {backend} (slot {}); another run may pick another",
+            let affinity = master.filter(|m| m.affinity_timeout != 0).map(|m| {
+                (
+                    m.affinity_timeout,
+                    affinity_entry(bpffs, src, m.affinity_group),
+                )
+            });
+            t.reason = match (established, affinity) {
+                (Some(_), _) => format!("established flow: conntrack keeps it on {backend}"),
+                (None, Some((timeout, Some((entry, age))))) if entry == backend => format!(
+                    "new flow to frontend {dst}/{}: session affinity (ClientIP, {timeout} s): this client's last new connection, {age} s ago, went to {backend} (slot {})",
                     t.protocol,
+                    t.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+                ),
+                (None, affinity) => format!(
+                    "new flow to frontend {dst}/{}: {}random choice among {} backends picked {backend} (slot {}); another run may pick another",
+                    t.protocol,
+                    match affinity {
+                        Some((timeout, _)) => format!(
+                            "session affinity (ClientIP, {timeout} s) has no usable entry for this client, so a "
+                        ),
+                        None => String::new(),
+                    },
                     t.backends.unwrap_or(0),
                     t.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
                 ),
             };
+            if src.ip() == backend.ip() {
+                t.reason.push_str(
+                    "; hairpin: the client is the backend, so the flow is source-NATed to the frontend address",
+                );
+            }
         }
         (TC_ACT_OK, None) => {
             t.reason = match master {
@@ -225,6 +248,28 @@ pub fn trace(
         (other, _) => t.reason = format!("unexpected verdict {other}"),
     }
     Ok(t)
+}
+
+/// The backend the affinity map names for `client` in `group`, and how many seconds ago it was
+/// last used; `None` when there is no entry (or the map cannot be read).
+fn affinity_entry(bpffs: &Path, client: SocketAddrV4, group: u16) -> Option<(SocketAddrV4, u64)> {
+    let data = MapData::from_pin(bpffs.join(map_names::AFFINITY)).ok()?;
+    let map: HashMap<_, AffinityKey, AffinityValue> =
+        HashMap::try_from(Map::LruHashMap(data)).ok()?;
+    let key = AffinityKey {
+        client_addr: ipv4_to_net(*client.ip()),
+        group,
+        _pad: 0,
+    };
+    let v = map.get(&key, 0).ok()?;
+    let age = crate::conntrack_gc::monotonic_ns().saturating_sub(v.last_used_ns) / 1_000_000_000;
+    Some((
+        SocketAddrV4::new(
+            lb_common::net_to_ipv4(v.backend_addr),
+            lb_common::net_to_port(v.backend_port),
+        ),
+        age,
+    ))
 }
 
 /// Parses `ADDR:PORT/PROTO` (PROTO is tcp or udp, default tcp).

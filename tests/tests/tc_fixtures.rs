@@ -69,6 +69,7 @@ fn desired(frontends: &[(u16, u8, &[u8])]) -> Desired {
                         })
                         .collect(),
                     flags: 0,
+                    ..Default::default()
                 },
             )
         })

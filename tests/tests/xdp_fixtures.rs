@@ -116,6 +116,7 @@ fn nodeport(port: u16, proto: u8, backends: Vec<BackendAddr>, flags: u16) -> Des
             service_port: format!("test/np:{port}"),
             backends,
             flags: SVC_FLAG_EXTERNAL_FE | flags,
+            ..Default::default()
         },
     )]
     .into_iter()

@@ -87,6 +87,10 @@ struct Args {
     /// Conntrack table capacity (entries; two per flow). Applies when the map is first created.
     #[arg(long, default_value_t = lb_common::map_sizes::CONNTRACK, env = "LB_CONNTRACK_SIZE")]
     conntrack_size: u32,
+    /// How often expired conntrack entries are deleted, in seconds (0: never; the table is an
+    /// LRU and the data path ignores expired entries either way).
+    #[arg(long, default_value_t = 30, env = "LB_CONNTRACK_GC_INTERVAL")]
+    conntrack_gc_interval: u64,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -265,6 +269,13 @@ fn run(args: Args) -> Result<()> {
             kube::start(api, kube::KubeOptions::new(node_name.clone()))?
         }
     };
+    let _gc = (args.conntrack_gc_interval > 0).then(|| {
+        conntrack_gc(
+            args.bpffs.clone(),
+            Duration::from_secs(args.conntrack_gc_interval),
+            Arc::clone(&stop),
+        )
+    });
     // The stop flag is checked at least this often while the source is quiet.
     let tick = Duration::from_millis(200);
     // A snapshot whose apply failed, retried after RETRY_AFTER unless a newer one arrives.
@@ -350,6 +361,38 @@ fn cleanup(bpffs: &std::path::Path) -> i32 {
             1
         }
     }
+}
+
+/// Sweeps expired flows out of the conntrack map every `every`, until `stop`.
+fn conntrack_gc(
+    bpffs: std::path::PathBuf,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut next = Instant::now() + every;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + every;
+            let started = Instant::now();
+            match lb_userspace::conntrack_gc::open(&bpffs)
+                .and_then(|mut map| lb_userspace::conntrack_gc::sweep(&mut map))
+            {
+                Ok(s) => tracing::debug!(
+                    scanned = s.scanned,
+                    deleted = s.deleted,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "conntrack GC"
+                ),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "conntrack GC failed; retrying at the next interval")
+                }
+            }
+        }
+    })
 }
 
 /// A failed apply is retried this long after, unless a newer snapshot arrives first.

@@ -17,7 +17,7 @@ use std::{
 use lb_common::{
     service::{
         BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
     },
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
@@ -115,12 +115,30 @@ impl FrontendAddr {
 }
 
 /// What one frontend must carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DesiredFrontend {
     /// The ServicePort it belongs to, for logs and dumps.
     pub service_port: String,
+    /// The backends new flows may get, one slot each.
     pub backends: Vec<BackendAddr>,
     pub flags: u16,
+    /// The ServicePort's other serving endpoints (terminating ones, ones outside this traffic's
+    /// set): not in the slots, but kept in the backends map so that UDP flows already on them
+    /// stay there. (TCP flows keep their backend in any case.)
+    pub draining: Vec<BackendAddr>,
+    /// Backends, in `backends` or `draining`, whose endpoint is terminating: session affinity
+    /// does not return new connections to them.
+    pub terminating: BTreeSet<BackendAddr>,
+    pub affinity: Option<AffinityWant>,
+}
+
+/// ClientIP session affinity of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AffinityWant {
+    pub timeout_seconds: u32,
+    /// The frontend whose rev_nat_id keys the affinity map for the whole ServicePort (its
+    /// ClusterIP frontend), so that a client sticks to one backend whichever frontend it uses.
+    pub group: FrontendAddr,
 }
 
 /// The desired map contents, keyed by frontend.
@@ -147,6 +165,31 @@ pub fn desired(model: &Model) -> Desired {
             .filter(|e| e.local)
             .map(|e| e.socket_addr())
             .collect();
+        let serving: Vec<SocketAddr> = sp
+            .endpoints
+            .iter()
+            .filter(|e| e.ready || e.serving)
+            .map(|e| e.socket_addr())
+            .collect();
+        let terminating_eps: BTreeSet<SocketAddr> = sp
+            .endpoints
+            .iter()
+            .filter(|e| e.terminating && (e.ready || e.serving))
+            .map(|e| e.socket_addr())
+            .collect();
+        let group = sp
+            .frontends
+            .iter()
+            .filter(|f| f.addr.is_ipv4())
+            .min_by_key(|f| f.kind != FrontendKind::ClusterIp)
+            .and_then(|f| match f.addr {
+                IpAddr::V4(a) => Some(FrontendAddr::internal(a, f.port, proto)),
+                IpAddr::V6(_) => None,
+            });
+        let affinity = sp.affinity.zip(group).map(|(a, group)| AffinityWant {
+            timeout_seconds: a.timeout_seconds,
+            group,
+        });
         let backends_of = |list: &[SocketAddr]| -> Vec<BackendAddr> {
             list.iter()
                 .filter_map(|b| match b {
@@ -159,6 +202,31 @@ pub fn desired(model: &Model) -> Desired {
                     SocketAddr::V6(_) => None,
                 })
                 .collect()
+        };
+        let terminating: BTreeSet<BackendAddr> = backends_of(&serving)
+            .into_iter()
+            .filter(|b| terminating_eps.contains(&SocketAddr::from((b.addr, b.port))))
+            .collect();
+        let all_serving = backends_of(&serving);
+        let entry = |backends: Vec<BackendAddr>, flags: u16| {
+            let local_only = !backends.is_empty() && backends.iter().all(|b| b.local);
+            DesiredFrontend {
+                service_port: sp.id.to_string(),
+                draining: all_serving
+                    .iter()
+                    .filter(|b| !backends.contains(b))
+                    .copied()
+                    .collect(),
+                backends,
+                flags: flags
+                    | if local_only {
+                        SVC_FLAG_LOCAL_BACKENDS
+                    } else {
+                        0
+                    },
+                terminating: terminating.clone(),
+                affinity,
+            }
         };
         for fe in &sp.frontends {
             let IpAddr::V4(addr) = fe.addr else { continue };
@@ -177,11 +245,10 @@ pub fn desired(model: &Model) -> Desired {
             };
             out.insert(
                 FrontendAddr::internal(addr, fe.port, proto),
-                DesiredFrontend {
-                    service_port: sp.id.to_string(),
-                    backends: backends_of(internal.backends),
-                    flags: kind_flag | empty_flag(&internal),
-                },
+                entry(
+                    backends_of(internal.backends),
+                    kind_flag | empty_flag(&internal),
+                ),
             );
             if fe.kind.is_external() {
                 let external = sp.traffic(fe, Origin::External);
@@ -192,11 +259,10 @@ pub fn desired(model: &Model) -> Desired {
                 };
                 out.insert(
                     FrontendAddr::external(addr, fe.port, proto),
-                    DesiredFrontend {
-                        service_port: sp.id.to_string(),
-                        backends: backends_of(external.backends),
-                        flags: kind_flag | masquerade | empty_flag(&external),
-                    },
+                    entry(
+                        backends_of(external.backends),
+                        kind_flag | masquerade | empty_flag(&external),
+                    ),
                 );
             }
         }

@@ -13,7 +13,7 @@
 //! new flows in that window; we delete them last.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::{ServiceKey, ServiceValue};
+use lb_common::{service::BACKEND_FLAG_TERMINATING, ServiceKey, ServiceValue};
 
 use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
 
@@ -24,6 +24,8 @@ struct Programmed {
     flags: u16,
     /// Backend id of slot i+1.
     slots: Vec<u32>,
+    /// Session affinity: (timeout in seconds, group), zeroes when off.
+    affinity: (u32, u16),
 }
 
 /// Counts of map operations, for logs and tests.
@@ -42,9 +44,13 @@ pub struct Writer {
     frontends: BTreeMap<FrontendAddr, Programmed>,
     backend_ids: HashMap<BackendAddr, u32>,
     used_backend_ids: HashSet<u32>,
+    /// Backend ids whose map entry carries `BACKEND_FLAG_TERMINATING`.
+    terminating_ids: HashSet<u32>,
     used_rev_nat_ids: HashSet<u16>,
     /// Slot entries found at adoption that no master names (an apply interrupted mid-way).
     stray_slots: Vec<ServiceKey>,
+    /// rev-NAT ids allocated (and written) for frontends whose master is not written yet.
+    new_rev_nat: BTreeMap<FrontendAddr, u16>,
     /// Next id to try; ids are handed out round-robin so a freed id is not reused at once.
     next_backend_id: u32,
     next_rev_nat_id: u16,
@@ -60,9 +66,13 @@ impl Writer {
     /// flushing: existing ids stay the same and established flows keep their entries.
     pub fn adopt(dp: &impl Dataplane) -> Result<Self> {
         let mut backend_ids = HashMap::new();
+        let mut terminating_ids = HashSet::new();
         let mut max_backend = 0;
         for (id, value) in dp.backends()? {
             backend_ids.insert(BackendAddr::from_value(&value), id);
+            if value.flags & BACKEND_FLAG_TERMINATING != 0 {
+                terminating_ids.insert(id);
+            }
             max_backend = max_backend.max(id);
         }
         let mut frontends = BTreeMap::new();
@@ -85,6 +95,7 @@ impl Writer {
                     rev_nat_id: master.rev_nat_id,
                     flags: master.flags,
                     slots,
+                    affinity: (master.affinity_timeout, master.affinity_group),
                 },
             );
         }
@@ -97,8 +108,10 @@ impl Writer {
             frontends,
             backend_ids,
             used_backend_ids,
+            terminating_ids,
             used_rev_nat_ids,
             stray_slots: Vec::new(),
+            new_rev_nat: BTreeMap::new(),
             next_backend_id: max_backend % MAX_BACKEND_ID + 1,
             next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
         };
@@ -144,20 +157,57 @@ impl Writer {
     fn apply_once(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
-        // 1. New backends.
+        // 1. New backends, and backends whose terminating state changed (rewritten in place: the
+        // id, and so the flows on it, stay).
         let wanted: BTreeSet<BackendAddr> = desired
             .values()
-            .flat_map(|d| d.backends.iter().copied())
+            .flat_map(|d| d.backends.iter().chain(&d.draining).copied())
+            .collect();
+        let terminating: BTreeSet<BackendAddr> = desired
+            .values()
+            .flat_map(|d| d.terminating.iter().copied())
             .collect();
         for b in &wanted {
-            if !self.backend_ids.contains_key(b) {
-                let id = self.alloc_backend_id()?;
-                // Counters first: the kernel counts a backend from the moment a slot names it.
-                dp.reset_stats(StatsOf::Backend(id))?;
-                dp.put_backend(id, b.to_value())?;
-                self.backend_ids.insert(*b, id);
-                self.used_backend_ids.insert(id);
-                stats.backends_added += 1;
+            let is_terminating = terminating.contains(b);
+            let mut value = b.to_value();
+            if is_terminating {
+                value.flags |= BACKEND_FLAG_TERMINATING;
+            }
+            match self.backend_ids.get(b) {
+                None => {
+                    let id = self.alloc_backend_id()?;
+                    // Counters first: the kernel counts a backend from the moment a slot names it.
+                    dp.reset_stats(StatsOf::Backend(id))?;
+                    dp.put_backend(id, value)?;
+                    self.backend_ids.insert(*b, id);
+                    self.used_backend_ids.insert(id);
+                    if is_terminating {
+                        self.terminating_ids.insert(id);
+                    }
+                    stats.backends_added += 1;
+                    stats.map_writes += 1;
+                }
+                Some(&id) if self.terminating_ids.contains(&id) != is_terminating => {
+                    dp.put_backend(id, value)?;
+                    if is_terminating {
+                        self.terminating_ids.insert(id);
+                    } else {
+                        self.terminating_ids.remove(&id);
+                    }
+                    stats.map_writes += 1;
+                }
+                Some(_) => {}
+            }
+        }
+
+        // rev-NAT ids of new frontends first, so that affinity groups can name them.
+        for fe in desired.keys() {
+            if !self.frontends.contains_key(fe) && !self.new_rev_nat.contains_key(fe) {
+                let id = self.alloc_rev_nat_id()?;
+                dp.reset_stats(StatsOf::Frontend(id))?;
+                dp.put_rev_nat(id, fe.rev_nat_value())?;
+                self.used_rev_nat_ids.insert(id);
+                self.new_rev_nat.insert(*fe, id);
                 stats.map_writes += 1;
             }
         }
@@ -177,23 +227,22 @@ impl Writer {
                 .take(MAX_SLOTS)
                 .map(|b| self.backend_ids[b])
                 .collect();
+            let affinity = match want.affinity {
+                Some(a) => (a.timeout_seconds, self.rev_nat_id_of(&a.group).unwrap_or(0)),
+                None => (0, 0),
+            };
+            // A group frontend that does not exist would key every client of the ServicePort
+            // to id 0: no affinity then, rather than a shared wrong one.
+            let affinity = if affinity.1 == 0 { (0, 0) } else { affinity };
             let old = self.frontends.get(fe).cloned();
-            if old
-                .as_ref()
-                .is_some_and(|o| o.slots == slots && o.flags == want.flags)
-            {
+            if old.as_ref().is_some_and(|o| {
+                o.slots == slots && o.flags == want.flags && o.affinity == affinity
+            }) {
                 continue;
             }
             let rev_nat_id = match &old {
                 Some(o) => o.rev_nat_id,
-                None => {
-                    let id = self.alloc_rev_nat_id()?;
-                    dp.reset_stats(StatsOf::Frontend(id))?;
-                    dp.put_rev_nat(id, fe.rev_nat_value())?;
-                    self.used_rev_nat_ids.insert(id);
-                    stats.map_writes += 1;
-                    id
-                }
+                None => self.new_rev_nat[fe],
             };
             let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or(&[]);
             for (i, &id) in slots.iter().enumerate() {
@@ -211,8 +260,8 @@ impl Writer {
                 count: slots.len() as u16,
                 rev_nat_id,
                 flags: want.flags,
-                _pad: 0,
-                affinity_timeout: 0,
+                affinity_group: affinity.1,
+                affinity_timeout: affinity.0,
             };
             dp.put_service(fe.key(0), master)?;
             stats.map_writes += 1;
@@ -228,8 +277,10 @@ impl Writer {
                     rev_nat_id,
                     flags: want.flags,
                     slots,
+                    affinity,
                 },
             );
+            self.new_rev_nat.remove(fe);
         }
 
         // 3b. Frontends that went away: master, slots, rev-NAT.
@@ -275,10 +326,19 @@ impl Writer {
             dp.delete_backend(id)?;
             dp.delete_stats(StatsOf::Backend(id))?;
             self.used_backend_ids.remove(&id);
+            self.terminating_ids.remove(&id);
             stats.backends_removed += 1;
             stats.map_deletes += 1;
         }
         Ok(stats)
+    }
+
+    /// The rev_nat_id of a frontend programmed or being programmed by this apply.
+    fn rev_nat_id_of(&self, fe: &FrontendAddr) -> Option<u16> {
+        self.frontends
+            .get(fe)
+            .map(|p| p.rev_nat_id)
+            .or_else(|| self.new_rev_nat.get(fe).copied())
     }
 
     fn alloc_backend_id(&mut self) -> Result<u32> {

@@ -1117,3 +1117,78 @@ shop/web:http/TCP IPv4
 ";
     assert_eq!(m.to_string(), expected);
 }
+
+#[test]
+fn terminating_endpoints_leave_the_slots_but_stay_in_the_maps_for_their_flows() {
+    let not_serving =
+        "{addresses: [198.18.1.8], nodeName: node-a, conditions: {ready: false, serving: false, terminating: true}}";
+    let (m, _) = model_of(
+        &svc("", &[LOCAL_READY, LOCAL_TERMINATING, not_serving]),
+        &cfg(),
+    );
+    let desired = crate::dataplane::desired(&m);
+    let ip = |d: &[crate::dataplane::BackendAddr]| -> Vec<String> {
+        d.iter().map(|b| b.addr.to_string()).collect()
+    };
+    for (fe, d) in &desired {
+        assert_eq!(
+            ip(&d.backends),
+            ["198.18.1.1"],
+            "{fe:?}: new flows, ready only"
+        );
+        assert_eq!(
+            ip(&d.draining),
+            ["198.18.1.9"],
+            "{fe:?}: the serving-terminating one is kept for its flows, the other is gone"
+        );
+        let terminating: Vec<_> = d.terminating.iter().copied().collect();
+        assert_eq!(ip(&terminating), ["198.18.1.9"]);
+        assert_eq!(d.affinity, None);
+    }
+}
+
+#[test]
+fn client_ip_affinity_is_grouped_by_the_cluster_ip_frontend() {
+    let (m, _) = model_of(
+        &svc(
+            "  type: NodePort\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}",
+            &[LOCAL_READY, REMOTE_READY],
+        ),
+        &cfg(),
+    );
+    let desired = crate::dataplane::desired(&m);
+    assert!(
+        desired.len() >= 3,
+        "ClusterIP, NodePort internal and external"
+    );
+    let group = crate::dataplane::FrontendAddr::internal(
+        "198.19.0.10".parse().unwrap(),
+        80,
+        lb_common::proto::TCP,
+    );
+    for (fe, d) in &desired {
+        let a = d.affinity.expect("every frontend carries the affinity");
+        assert_eq!(a.timeout_seconds, 600, "{fe:?}");
+        assert_eq!(a.group, group, "{fe:?}");
+    }
+}
+
+#[test]
+fn local_only_slots_are_flagged_for_affinity() {
+    use lb_common::service::SVC_FLAG_LOCAL_BACKENDS;
+    let (m, _) = model_of(
+        &svc(
+            "  type: NodePort\n  externalTrafficPolicy: Local",
+            &[LOCAL_READY, REMOTE_READY],
+        ),
+        &cfg(),
+    );
+    for (fe, d) in &crate::dataplane::desired(&m) {
+        let local_only = fe.scope == lb_common::service::SCOPE_EXTERNAL;
+        assert_eq!(
+            d.flags & SVC_FLAG_LOCAL_BACKENDS != 0,
+            local_only,
+            "{fe:?}: {d:?}"
+        );
+    }
+}

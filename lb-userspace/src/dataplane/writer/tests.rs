@@ -26,6 +26,7 @@ fn desired(entries: &[(FrontendAddr, &[u8])]) -> Desired {
                     service_port: "ns/svc:p/TCP".into(),
                     backends: bs.iter().map(|b| be(*b)).collect(),
                     flags: 0,
+                    ..Default::default()
                 },
             )
         })
@@ -193,6 +194,7 @@ fn random_update_sequences_keep_every_frontend_consistent() {
                         service_port: String::new(),
                         backends: bs.iter().map(|b| be(*b)).collect(),
                         flags: 0,
+                        ..Default::default()
                     },
                 )
             })
@@ -322,6 +324,7 @@ fn frontend_with_more_backends_than_slots_is_capped_not_wrapped() {
             service_port: "ns/big:p/TCP".into(),
             backends: many,
             flags: 0,
+            ..Default::default()
         },
     )]
     .into_iter()
@@ -330,4 +333,83 @@ fn frontend_with_more_backends_than_slots_is_capped_not_wrapped() {
     assert_eq!(maps.services[&fe(10, 80).key(0)].count, u16::MAX);
     maps.skip_checks = false;
     maps.check_consistent().unwrap();
+}
+
+#[test]
+fn terminating_backend_is_kept_flagged_in_place_and_deleted_when_it_stops_serving() {
+    use lb_common::service::BACKEND_FLAG_TERMINATING;
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2])]))
+        .unwrap();
+    let id_of = |maps: &FakeMaps, n: u8| {
+        maps.backends
+            .iter()
+            .find(|(_, b)| b.addr.to_ne_bytes()[3] == n)
+            .map(|(id, b)| (*id, b.flags))
+    };
+    let (id1, _) = id_of(&maps, 1).unwrap();
+    // Backend 1 terminates: out of the slots, kept with the flag, same id.
+    let mut d = desired(&[(fe(10, 80), &[2])]);
+    let entry = d.get_mut(&fe(10, 80)).unwrap();
+    entry.draining = vec![be(1)];
+    entry.terminating = [be(1)].into_iter().collect();
+    maps.log.clear();
+    let stats = w.apply(&mut maps, &d).unwrap();
+    assert_eq!(programmed(&maps, fe(10, 80)), Some(vec![2]));
+    assert_eq!(
+        id_of(&maps, 1),
+        Some((id1, BACKEND_FLAG_TERMINATING)),
+        "rewritten in place"
+    );
+    assert_eq!(stats.backends_added + stats.backends_removed, 0);
+    // The flag is set before the slots drop the backend (one write), and nothing is deleted but
+    // the slot past the new count.
+    assert_eq!(maps.log.first().unwrap(), &format!("put backend {id1}"));
+    // Unchanged state writes nothing.
+    maps.log.clear();
+    w.apply(&mut maps, &d).unwrap();
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
+    // It stops serving: deleted.
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[2])])).unwrap();
+    assert_eq!(id_of(&maps, 1), None);
+    // A restarted writer adopts the flag and changes nothing.
+    w.apply(&mut maps, &d).unwrap();
+    let mut again = Writer::adopt(&maps).unwrap();
+    maps.log.clear();
+    again.apply(&mut maps, &d).unwrap();
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
+}
+
+#[test]
+fn affinity_group_is_the_rev_nat_id_of_the_group_frontend_for_every_frontend() {
+    use crate::dataplane::AffinityWant;
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    let group = fe(10, 80);
+    let mut d = desired(&[(fe(10, 80), &[1, 2]), (fe(20, 30080), &[1, 2])]);
+    for entry in d.values_mut() {
+        entry.affinity = Some(AffinityWant {
+            timeout_seconds: 10800,
+            group,
+        });
+    }
+    w.apply(&mut maps, &d).unwrap();
+    let m1 = maps.services[&fe(10, 80).key(0)];
+    let m2 = maps.services[&fe(20, 30080).key(0)];
+    assert_eq!(m1.affinity_timeout, 10800);
+    assert_eq!(m1.affinity_group, m1.rev_nat_id);
+    assert_eq!(
+        m2.affinity_group, m1.rev_nat_id,
+        "shared by the ServicePort"
+    );
+    assert_ne!(m2.rev_nat_id, m1.rev_nat_id);
+    // Turning affinity off rewrites the masters.
+    w.apply(
+        &mut maps,
+        &desired(&[(fe(10, 80), &[1, 2]), (fe(20, 30080), &[1, 2])]),
+    )
+    .unwrap();
+    let m2 = maps.services[&fe(20, 30080).key(0)];
+    assert_eq!((m2.affinity_timeout, m2.affinity_group), (0, 0));
 }
