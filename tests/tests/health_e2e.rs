@@ -1,6 +1,7 @@
 //! The agent's own health endpoints on kube-proxy's port 10256: `/healthz` (and `/livez`) answer
 //! 200 as long as the process serves, `/readyz` answers 503 until the first full sync has been
-//! programmed and 200 after. And `--log-format json` makes every log line a JSON object.
+//! programmed and 200 after. And `--log-format json` makes every log line a JSON object; an invalid
+//! `LB_LOG` is refused rather than ignored.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     process::Command,
@@ -153,4 +154,19 @@ impl Drop for EnvVar {
     fn drop(&mut self) {
         std::env::remove_var(self.0);
     }
+}
+
+#[test]
+fn an_invalid_lb_log_directive_is_refused_naming_it() {
+    let out = Command::new(agent_bin().unwrap())
+        .env("LB_LOG", "lb=[bad")
+        .args(["--manifests", "/nonexistent", "--node-name", "node-1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("LB_LOG=\"lb=[bad\" is not a valid filter directive"),
+        "{stderr}"
+    );
 }
