@@ -6,7 +6,12 @@ use std::{collections::BTreeMap, net::SocketAddrV4, path::Path};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use lb_common::{
     conntrack::{reply_key_of, timeout_ns, CT_DIR_FORWARD, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY},
-    map_names, net_to_ipv4, net_to_port, proto, CtKey, CtValue, TrafficCounters,
+    map_names, net_to_ipv4, net_to_port, proto,
+    service::{
+        BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+        SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+    },
+    CtKey, CtValue, ServiceKey, ServiceValue, TrafficCounters,
 };
 use serde::Serialize;
 
@@ -64,6 +69,8 @@ pub struct BackendView {
 pub struct FrontendView {
     pub address: SocketAddrV4,
     pub protocol: String,
+    /// `internal` (traffic from this node's pods) or `external` (from outside the node).
+    pub scope: String,
     pub rev_nat_id: u16,
     pub scheduler: &'static str,
     pub flags: Vec<&'static str>,
@@ -102,6 +109,46 @@ pub fn protocol_name(p: u8) -> String {
         proto::SCTP => "SCTP".into(),
         other => format!("proto-{other}"),
     }
+}
+
+/// `internal` or `external`: which traffic a frontend entry serves.
+pub fn scope_name(scope: u8) -> String {
+    match scope {
+        SCOPE_INTERNAL => "internal".into(),
+        SCOPE_EXTERNAL => "external".into(),
+        other => format!("scope-{other}"),
+    }
+}
+
+/// The names of a frontend's `SVC_FLAG_*` bits, plus `no-backends` when it has no slot.
+pub fn frontend_flags(master: &ServiceValue) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    for (bit, name) in [
+        (SVC_FLAG_CLUSTER_IP, "ClusterIP"),
+        (SVC_FLAG_EXTERNAL_FE, "external-frontend"),
+        (SVC_FLAG_MASQUERADE, "masquerade"),
+        (SVC_FLAG_REJECT_EMPTY, "reject-empty"),
+    ] {
+        if master.flags & bit != 0 {
+            flags.push(name);
+        }
+    }
+    if master.count == 0 {
+        flags.push("no-backends");
+    }
+    flags
+}
+
+/// The names of a backend's `BACKEND_FLAG_*` bits.
+pub fn backend_flags(flags: u8) -> Vec<&'static str> {
+    [
+        (BACKEND_FLAG_LOCAL, "local"),
+        (BACKEND_FLAG_TERMINATING, "terminating"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 fn monotonic_ns() -> u64 {
@@ -211,19 +258,13 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
                 counters: be_stats.get(&id).copied().unwrap_or_default(),
             });
         }
-        let mut flags = Vec::new();
-        if master.flags & lb_common::service::SVC_FLAG_CLUSTER_IP != 0 {
-            flags.push("ClusterIP");
-        }
-        if master.count == 0 {
-            flags.push("no-backends");
-        }
         frontends.push(FrontendView {
             address: SocketAddrV4::new(fe.addr, fe.port),
             protocol: protocol_name(fe.proto),
+            scope: scope_name(fe.scope),
             rev_nat_id: master.rev_nat_id,
             scheduler: "random",
-            flags,
+            flags: frontend_flags(master),
             counters: fe_stats
                 .get(&(master.rev_nat_id as u32))
                 .copied()
@@ -231,19 +272,29 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             backends: views,
         });
     }
-    frontends.sort_by_key(|f| (*f.address.ip(), f.address.port(), f.protocol.clone()));
+    frontends.sort_by_key(|f| {
+        (
+            *f.address.ip(),
+            f.address.port(),
+            f.protocol.clone(),
+            f.scope.clone(),
+        )
+    });
     flows.sort_by_key(|f| (f.frontend, f.client, f.protocol.clone()));
     Ok(Snapshot { frontends, flows })
 }
 
 /// `ipvsadm -Ln`-style table.
 pub fn services_table(s: &Snapshot) -> String {
-    let mut out = String::from("Prot Frontend              Scheduler Flags\n  -> Backend               Id       ActiveConn InActConn\n");
+    let mut out = String::from(
+        "Prot Frontend              Scope    Scheduler Flags\n  -> Backend               Id       ActiveConn InActConn\n",
+    );
     for f in &s.frontends {
         out.push_str(&format!(
-            "{:<4} {:<21} {:<9} {}\n",
+            "{:<4} {:<21} {:<8} {:<9} {}\n",
             f.protocol,
             f.address.to_string(),
+            f.scope,
             f.scheduler,
             f.flags.join(",")
         ));
@@ -263,17 +314,22 @@ pub fn services_table(s: &Snapshot) -> String {
 /// `ipvsadm -Ln --stats`-style table.
 pub fn stats_table(s: &Snapshot) -> String {
     let mut out = String::from(
-        "Prot Frontend                 Conns   InPkts  OutPkts  InBytes OutBytes\n  -> Backend\n",
+        "Prot Frontend              Scope       Conns   InPkts  OutPkts  InBytes OutBytes\n  -> Backend\n",
     );
     let row = |name: String, c: &Counters| {
         format!(
-            "{name:<30} {:>7} {:>8} {:>8} {:>8} {:>8}\n",
+            "{name:<36} {:>7} {:>8} {:>8} {:>8} {:>8}\n",
             c.new_flows, c.packets_in, c.packets_out, c.bytes_in, c.bytes_out
         )
     };
     for f in &s.frontends {
         out.push_str(&row(
-            format!("{:<4} {}", f.protocol, f.address),
+            format!(
+                "{:<4} {:<21} {}",
+                f.protocol,
+                f.address.to_string(),
+                f.scope
+            ),
             &f.counters,
         ));
         for b in &f.backends {
@@ -299,6 +355,126 @@ pub fn conntrack_table(flows: &[&FlowView]) -> String {
             format!("{}s", f.idle_seconds),
             f.expires_in_seconds
         ));
+    }
+    out
+}
+
+/// One backend slot of a frontend in [`dump`]. A slot whose backend id is not in the backends
+/// map (which the agent's update order never leaves behind) shows as `missing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DumpSlot {
+    pub slot: u16,
+    pub backend_id: u32,
+    pub address: Option<SocketAddrV4>,
+    pub flags: Vec<&'static str>,
+    pub missing: bool,
+}
+
+/// One frontend entry (master slot and its backend slots) in [`dump`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DumpFrontend {
+    pub address: SocketAddrV4,
+    pub protocol: String,
+    pub scope: String,
+    pub rev_nat_id: u16,
+    pub flags: Vec<&'static str>,
+    /// Session-affinity timeout in seconds, 0 when affinity is off.
+    pub affinity_timeout: u32,
+    pub slots: Vec<DumpSlot>,
+}
+
+/// The service and backend maps in canonical form: frontends sorted by address, port, protocol
+/// and scope; slots in order. Counters and conntrack are left out, so two dumps of the same
+/// programmed state are equal whatever the traffic.
+pub fn dump(maps: &impl Dataplane) -> Result<Vec<DumpFrontend>> {
+    let backends: BTreeMap<u32, lb_common::BackendValue> = maps.backends()?.into_iter().collect();
+    let services: BTreeMap<ServiceKey, ServiceValue> = maps.services()?.into_iter().collect();
+    let mut out = Vec::new();
+    for (key, master) in services.iter().filter(|(k, _)| k.slot == 0) {
+        let fe = FrontendAddr::from_key(key);
+        let slots = (1..=master.count)
+            .map(|slot| {
+                let id = services
+                    .get(&ServiceKey { slot, ..*key })
+                    .map(|v| v.backend_id)
+                    .unwrap_or(0);
+                match backends.get(&id) {
+                    Some(b) => {
+                        let addr = BackendAddr::from_value(b);
+                        DumpSlot {
+                            slot,
+                            backend_id: id,
+                            address: Some(SocketAddrV4::new(addr.addr, addr.port)),
+                            flags: backend_flags(b.flags),
+                            missing: false,
+                        }
+                    }
+                    None => DumpSlot {
+                        slot,
+                        backend_id: id,
+                        address: None,
+                        flags: Vec::new(),
+                        missing: true,
+                    },
+                }
+            })
+            .collect();
+        out.push((
+            fe,
+            DumpFrontend {
+                address: SocketAddrV4::new(fe.addr, fe.port),
+                protocol: protocol_name(fe.proto),
+                scope: scope_name(fe.scope),
+                rev_nat_id: master.rev_nat_id,
+                flags: frontend_flags(master),
+                affinity_timeout: master.affinity_timeout,
+                slots,
+            },
+        ));
+    }
+    out.sort_by_key(|(fe, _)| *fe);
+    Ok(out.into_iter().map(|(_, d)| d).collect())
+}
+
+/// [`dump`] as text: one line per frontend, one per slot.
+pub fn dump_text(frontends: &[DumpFrontend]) -> String {
+    let mut out = String::new();
+    for f in frontends {
+        let flags = if f.flags.is_empty() {
+            "-".to_string()
+        } else {
+            f.flags.join(",")
+        };
+        out.push_str(&format!(
+            "{}/{} {} rev_nat={} flags={} affinity={}s backends={}\n",
+            f.address,
+            f.protocol,
+            f.scope,
+            f.rev_nat_id,
+            flags,
+            f.affinity_timeout,
+            f.slots.len()
+        ));
+        for s in &f.slots {
+            match s.address {
+                Some(addr) if !s.missing => {
+                    out.push_str(&format!(
+                        "  slot {}: backend {} {addr}{}\n",
+                        s.slot,
+                        s.backend_id,
+                        if s.flags.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {}", s.flags.join(","))
+                        }
+                    ));
+                }
+                _ => out.push_str(&format!(
+                    "  slot {}: backend {} MISSING\n",
+                    s.slot, s.backend_id
+                )),
+            }
+        }
     }
     out
 }

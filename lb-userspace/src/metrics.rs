@@ -10,8 +10,8 @@
 //! nothing is copied between scrapes. The cost is one map walk per scrape: counting conntrack
 //! entries walks its keys (about 0.5 µs per entry, so ~0.1 s for a full default table of 262144).
 //!
-//! Labels name what the maps only know by id: the frontend's address and protocol come from its
-//! master entry, the ServicePort (`namespace/name:port`) from the agent's last sync, and backend
+//! Labels name what the maps only know by id: the frontend's address, protocol and scope
+//! (`internal`: from this node's pods, `external`: from outside) come from its master entry, the ServicePort (`namespace/name:port`) from the agent's last sync, and backend
 //! counters (one per backend id, shared by every frontend using that address) carry every
 //! ServicePort that uses the backend, comma-separated.
 use std::{
@@ -37,7 +37,7 @@ use prometheus_client::{
 
 use crate::{
     dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, Desired, FrontendAddr},
-    inspect::protocol_name,
+    inspect::{protocol_name, scope_name},
 };
 
 /// The agent's metrics; shared between the sync loop and the HTTP server.
@@ -176,6 +176,9 @@ impl MapCollector {
                     ),
                     ("frontend", SocketAddrV4::new(fe.addr, fe.port).to_string()),
                     ("protocol", protocol_name(fe.proto)),
+                    // NodePort, LoadBalancer and externalIP frontends have an entry per scope,
+                    // each with its own counters.
+                    ("scope", scope_name(fe.scope)),
                 ],
                 counters: *c,
             });

@@ -219,6 +219,11 @@ impl MultiNode {
         })
     }
 
+    /// The directory every agent follows, for restarting an agent on the same manifests.
+    pub fn manifests_dir(&self) -> &std::path::Path {
+        &self.manifests.0
+    }
+
     /// Replaces the manifests every agent follows.
     pub fn write_manifests(&self, yaml: &str) -> Result<()> {
         write_atomically(&self.manifests.0, yaml)

@@ -1,6 +1,7 @@
 //! `lb-agent cleanup`: after an agent ran with pods attached, cleanup leaves no pins and no TCX
 //! programs on the pod interfaces (asked of the kernel), the ClusterIP is no longer translated,
-//! and a bpffs the agent mounted itself is unmounted. Refused while the agent runs.
+//! and a bpffs the agent mounted itself is unmounted. Refused while the agent runs. On a node with
+//! an uplink, the XDP link goes too and the NodePort stops answering.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -11,7 +12,8 @@ use std::{
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use lb_tests::{
     cluster::{agent_bin, echo_service_yaml, OneNode},
-    spawn_in, tcp_request, Node,
+    fabric::{MultiNode, NodeSpec},
+    spawn_in, tcp_request, Netns, Node,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -157,4 +159,91 @@ fn cleanup_unmounts_a_bpffs_the_agent_mounted_itself() {
     );
     assert!(!dir.exists(), "the mount point the agent created is gone");
     std::fs::remove_dir_all(&manifests).unwrap();
+}
+
+/// Whether the kernel reports an XDP program on `iface` (`ip link` prints `xdp`, `xdpgeneric` or
+/// `xdpdrv` with the program id when one is attached).
+fn has_xdp(ns: &Netns, iface: &str) -> bool {
+    ns.ip_output(&["-d", "link", "show", "dev", iface])
+        .unwrap()
+        .contains("prog/xdp")
+}
+
+#[test]
+fn cleanup_removes_the_xdp_links_of_the_uplinks() {
+    const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+    const BE: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+    let yaml = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.10
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+- {{addresses: [{BE}], conditions: {{ready: true}}, nodeName: node-1}}
+"
+    );
+    let mut bed = MultiNode::start(
+        "cleanxdp",
+        &[NodeSpec {
+            name: "node-1",
+            addr: NODE1,
+            pod_net: Ipv4Addr::new(198, 18, 2, 0),
+            backends: &[("be-1", BE)],
+        }],
+        Ipv4Addr::new(198, 18, 100, 10),
+        &[],
+        &yaml,
+    )
+    .unwrap();
+    let to = SocketAddrV4::new(NODE1, 30080);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcp_request(&bed.client, to, Duration::from_millis(500)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "NodePort never answered:\n{}",
+            bed.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node = &mut bed.nodes[0];
+    assert!(has_xdp(&node.node.ns, "eth0"), "XDP on the uplink");
+    assert!(
+        node.agent.stop().unwrap().success(),
+        "{}",
+        node.agent.logs()
+    );
+    assert!(
+        has_xdp(&node.node.ns, "eth0"),
+        "the pinned link outlives the agent"
+    );
+
+    let out = cleanup(node.bpffs.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("links-xdp/eth0\n"), "{stdout}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while has_xdp(&node.node.ns, "eth0") {
+        assert!(Instant::now() < deadline, "eth0 still has an XDP program");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nothing listens on the nodePort itself: without the program, nothing answers there.
+    assert!(tcp_request(&bed.client, to, Duration::from_millis(500)).is_err());
 }

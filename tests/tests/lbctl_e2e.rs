@@ -1,34 +1,46 @@
 //! lbctl against live maps: real flows through a ClusterIP, then `lbctl services`, `stats` and
-//! `conntrack` (JSON output) must agree with what the test did.
+//! `conntrack` (JSON output) must agree with what the test did; `lbctl dump` is canonical and
+//! unmoved by traffic; pins of another layout version are refused.
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
+    path::Path,
+    process::{Command, Output},
     time::Duration,
 };
 
 use lb_tests::{
     cluster::{echo_service_yaml, lbctl_bin, OneNode, CLIENT_IP},
-    tcp_connect, tcp_requests, udp_requests,
+    tcp_connect, tcp_requests, udp_requests, BpfFs,
 };
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-fn lbctl(bed: &OneNode, args: &[&str]) -> Value {
-    let out = Command::new(lbctl_bin().unwrap())
+fn lbctl_at(bpffs: &Path, args: &[&str]) -> Output {
+    Command::new(lbctl_bin().unwrap())
         .arg("--bpffs")
-        .arg(bed.bpffs.path())
-        .args(["--output", "json"])
+        .arg(bpffs)
         .args(args)
         .output()
-        .expect("run lbctl");
+        .expect("run lbctl")
+}
+
+fn lbctl_text(bed: &OneNode, args: &[&str]) -> String {
+    let out = lbctl_at(bed.bpffs.path(), args);
     assert!(
         out.status.success(),
         "lbctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("lbctl prints JSON")
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn lbctl(bed: &OneNode, args: &[&str]) -> Value {
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&lbctl_text(bed, &all)).expect("lbctl prints JSON")
 }
 
 fn frontend<'a>(list: &'a Value, proto: &str) -> &'a Value {
@@ -296,4 +308,257 @@ endpoints:
         "no flow went through the other frontend: {other:#}"
     );
     drop(open);
+}
+
+/// An externalIP Service with externalTrafficPolicy=Cluster: one endpoint on this node (be-1),
+/// one on another node (not local; no pod needed, nothing is sent to it).
+const EXTERNAL_IP_SERVICE: &str = "---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: demo}
+spec:
+  clusterIP: 198.19.0.20
+  externalIPs: [198.19.201.1]
+  ports:
+  - {name: http, port: 8000, protocol: TCP, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: ext-1
+  namespace: demo
+  labels: {kubernetes.io/service-name: ext}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- {addresses: [198.18.2.1], conditions: {ready: true}, nodeName: node-1}
+- {addresses: [198.18.9.9], conditions: {ready: true}, nodeName: node-2}
+";
+
+/// (address, protocol, scope, flags, {(backend address, backend flags)}) of each dumped frontend.
+type Shape = (
+    String,
+    String,
+    String,
+    Vec<String>,
+    BTreeSet<(String, Vec<String>)>,
+);
+
+fn shape(dump: &Value) -> Vec<Shape> {
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    dump.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let slots = f["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    assert_eq!(s["missing"], false, "{f:#}");
+                    (
+                        s["address"].as_str().unwrap().to_string(),
+                        strings(&s["flags"]),
+                    )
+                })
+                .collect();
+            (
+                f["address"].as_str().unwrap().to_string(),
+                f["protocol"].as_str().unwrap().to_string(),
+                f["scope"].as_str().unwrap().to_string(),
+                strings(&f["flags"]),
+                slots,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn lbctl_dump_is_canonical_sorted_and_unmoved_by_traffic() {
+    let backends = [
+        ("be-1", Ipv4Addr::new(198, 18, 2, 1)),
+        ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
+    ];
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
+    let yaml = echo_service_yaml(VIP, 80, 8080, &ips) + EXTERNAL_IP_SERVICE;
+    let mut bed = OneNode::start("lbdump", &backends, 8080, &yaml).unwrap();
+    let to = SocketAddrV4::new(VIP, 80);
+    bed.wait_for_tcp(to, Duration::from_secs(10)).unwrap();
+
+    let dump = lbctl(&bed, &["dump"]);
+    let local = |a: &str| (a.to_string(), vec!["local".to_string()]);
+    let remote = (String::from("198.18.9.9:8080"), Vec::new());
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let both_echo: BTreeSet<_> = [local("198.18.2.1:8080"), local("198.18.2.2:8080")].into();
+    let ext_backends: BTreeSet<_> = [local("198.18.2.1:8080"), remote].into();
+    let fe = |addr: &str, proto: &str, scope: &str, flags: &[&str], b: &BTreeSet<_>| -> Shape {
+        (addr.into(), proto.into(), scope.into(), s(flags), b.clone())
+    };
+    // Sorted by address, port, protocol, scope. The externalIP has an internal entry (for pods,
+    // no masquerade) and an external one (from outside: eTP=Cluster source-NATs remote backends).
+    assert_eq!(
+        shape(&dump),
+        vec![
+            fe(
+                "198.19.0.10:80",
+                "TCP",
+                "internal",
+                &["ClusterIP"],
+                &both_echo
+            ),
+            fe(
+                "198.19.0.10:80",
+                "UDP",
+                "internal",
+                &["ClusterIP"],
+                &both_echo
+            ),
+            fe(
+                "198.19.0.20:8000",
+                "TCP",
+                "internal",
+                &["ClusterIP"],
+                &ext_backends
+            ),
+            fe(
+                "198.19.201.1:8000",
+                "TCP",
+                "internal",
+                &["external-frontend"],
+                &ext_backends
+            ),
+            fe(
+                "198.19.201.1:8000",
+                "TCP",
+                "external",
+                &["external-frontend", "masquerade"],
+                &ext_backends
+            ),
+        ],
+        "{dump:#}"
+    );
+    // Slots are numbered from 1 in order; ids and rev_nat ids agree with `lbctl services`.
+    let services = lbctl(&bed, &["services"]);
+    let mut rev_nats = BTreeSet::new();
+    for f in dump.as_array().unwrap() {
+        let slots: Vec<u64> = f["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["slot"].as_u64().unwrap())
+            .collect();
+        assert_eq!(slots, (1..=slots.len() as u64).collect::<Vec<_>>());
+        assert!(
+            rev_nats.insert(f["rev_nat_id"].as_u64().unwrap()),
+            "{dump:#}"
+        );
+        let same = services
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| {
+                s["address"] == f["address"]
+                    && s["protocol"] == f["protocol"]
+                    && s["scope"] == f["scope"]
+            })
+            .unwrap_or_else(|| panic!("{f:#} not in {services:#}"));
+        assert_eq!(same["rev_nat_id"], f["rev_nat_id"]);
+        let ids = |list: &Value, key: &str| -> BTreeSet<(String, u64)> {
+            list.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    (
+                        b["address"].as_str().unwrap().to_string(),
+                        b[key].as_u64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(ids(&same["backends"], "id"), ids(&f["slots"], "backend_id"));
+    }
+
+    // The text form says the same, a line per frontend and per slot.
+    let text = lbctl_text(&bed, &["dump"]);
+    let lines: Vec<&str> = text.lines().collect();
+    let slot_count: usize = shape(&dump).iter().map(|f| f.4.len()).sum();
+    assert_eq!(
+        lines.len(),
+        dump.as_array().unwrap().len() + slot_count,
+        "{text}"
+    );
+    assert!(
+        lines[0].starts_with("198.19.0.10:80/TCP internal rev_nat=")
+            && lines[0].ends_with("flags=ClusterIP affinity=0s backends=2"),
+        "{text}"
+    );
+    assert!(
+        text.contains(" external rev_nat=")
+            && text.contains("flags=external-frontend,masquerade affinity=0s backends=2"),
+        "{text}"
+    );
+    assert!(
+        text.contains(" 198.18.9.9:8080\n"),
+        "remote backend without flags: {text}"
+    );
+
+    // Traffic moves counters and conntrack, not the dump; and it reads the same with the agent down.
+    assert!(tcp_requests(&bed.client.ns, to, 10, TIMEOUT)
+        .iter()
+        .all(|r| r.is_ok()));
+    assert_eq!(lbctl_text(&bed, &["dump"]), text);
+    assert!(bed.agent.stop().unwrap().success(), "{}", bed.agent.logs());
+    assert_eq!(lbctl_text(&bed, &["dump"]), text, "with the agent stopped");
+    assert_eq!(lbctl(&bed, &["dump"]), dump);
+}
+
+#[test]
+fn lbctl_refuses_pins_of_another_layout_version_naming_both() {
+    lb_tests::require_root();
+    let bpffs = BpfFs::new("lbver").unwrap();
+    let ours = lb_common::ABI_VERSION;
+    let dir = bpffs.path().display().to_string();
+
+    let out = lbctl_at(bpffs.path(), &["services"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("nothing of lb-agent is pinned under {dir}")),
+        "{stderr}"
+    );
+
+    for (found, fix) in [
+        (
+            ours + 1,
+            "use the lbctl shipped with the agent that pinned them",
+        ),
+        (1, "start the newer lb-agent (it migrates the maps"),
+    ] {
+        lb_userspace::upgrade::write_version(bpffs.path(), found).unwrap();
+        for cmd in [
+            &["services"][..],
+            &["-o", "json", "dump"],
+            &["conntrack"],
+            &["stats"],
+        ] {
+            let out = lbctl_at(bpffs.path(), cmd);
+            assert!(!out.status.success(), "{cmd:?} with version {found}");
+            assert!(out.stdout.is_empty(), "nothing printed on stdout");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains(&format!(
+                    "the maps pinned under {dir} have layout version {found}, but this lbctl \
+                     reads layout version {ours}: {fix}"
+                )),
+                "{cmd:?}: {stderr}"
+            );
+        }
+    }
 }

@@ -14,7 +14,8 @@ use lb_tests::{
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-/// A Service with no EndpointSlice at all.
+/// A Service with no EndpointSlice at all; its externalIP gives it an internal and an external
+/// frontend entry on the same address.
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// The agent's default --health-bind-address, inside the node namespace.
@@ -28,6 +29,7 @@ kind: Service
 metadata: {{name: empty, namespace: demo}}
 spec:
   clusterIP: {EMPTY_VIP}
+  externalIPs: [198.19.201.5]
   ports:
   - {{name: dns, port: 53, protocol: UDP, targetPort: 53}}
 "
@@ -82,10 +84,31 @@ fn metrics_match_the_traffic_and_lbctl_and_count_drops_by_reason() {
     let metrics = http_get(&bed.node.ns, HEALTH, "/metrics", TIMEOUT).unwrap();
     assert_eq!(metrics.status, 200, "{}", metrics.body);
     let text = &metrics.body;
+    // Every series once: the externalIP's two entries differ by their scope label.
+    let mut series = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name_labels, _) = line.rsplit_once(' ').unwrap();
+        assert!(
+            series.insert(name_labels),
+            "{name_labels} twice in /metrics:\n{text}"
+        );
+    }
+    for scope in ["internal", "external"] {
+        assert_eq!(
+            prometheus_sample(
+                text,
+                "lb_frontend_new_flows_total",
+                &[("frontend", "198.19.201.5:53"), ("scope", scope)]
+            ),
+            Some(0.0),
+            "{scope} entry of the externalIP:\n{text}"
+        );
+    }
     let fe = |name: &str, proto: &str, extra: &[(&str, &str)]| {
         let mut labels = vec![
             ("frontend", "198.19.0.10:80"),
             ("protocol", proto),
+            ("scope", "internal"),
             (
                 "service_port",
                 if proto == "UDP" {
@@ -156,10 +179,11 @@ fn metrics_match_the_traffic_and_lbctl_and_count_drops_by_reason() {
         prometheus_sample(text, "lb_sync_errors_total", &[]),
         Some(0.0)
     );
-    // Fill levels: 3 frontends (TCP, UDP, the empty one) and 2 backends per protocol.
+    // Fill levels: 5 frontends (TCP, UDP, the empty one's ClusterIP and its externalIP's two
+    // scopes) and 2 backends per protocol.
     assert_eq!(
         prometheus_sample(text, "lb_map_entries", &[("map", "LB_REV_NAT")]),
-        Some(3.0)
+        Some(5.0)
     );
     assert_eq!(
         prometheus_sample(text, "lb_map_entries", &[("map", "LB_BACKENDS")]),

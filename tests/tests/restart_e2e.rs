@@ -1,11 +1,10 @@
-//! Restart survival: the agent is restarted five times in a row, alternating SIGTERM and SIGKILL,
-//! while a long-lived TCP connection exchanges a message every 50 ms and a loop keeps opening new
-//! short connections, through a ClusterIP. Nothing may fail, the long-lived flow's conntrack
-//! entries must be the very same before and after, and backend ids must not change.
-//!
-//! Each target is one `Target` in `targets`: the NodePort half (a client outside the node
-//! reaching `<node address>:<nodePort>`) slots in as another entry once the data path serves
-//! NodePorts.
+//! Restart survival: node-1's agent is restarted five times in a row, alternating SIGTERM and
+//! SIGKILL, while, for each target, a long-lived TCP connection exchanges a message every 50 ms
+//! and a loop keeps opening new short connections. The targets are a ClusterIP (from a pod on
+//! node-1, through tc) and a NodePort (from a client outside the nodes to node-1's address,
+//! through XDP on node-1's uplink). The Service has one backend on node-1 and one on node-2 (the
+//! NodePort flows to it are source-NATed by node-1). Nothing may fail, the long-lived flows'
+//! conntrack entries must be the very same before and after, and backend ids must not change.
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -20,18 +19,56 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{conntrack, map_names, CtKey, CtValue};
 use lb_tests::{
-    cluster::{agent_bin, echo_service_yaml, lbctl_bin, OneNode, CLIENT_IP, NODE_NAME},
+    cluster::{agent_bin, lbctl_bin},
+    fabric::{MultiNode, NodeSpec},
     spawn_in, tcp_connect, tcp_request, ChildGuard, Netns,
 };
 use serde_json::Value;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const NODE_PORT: u16 = 30080;
+const NODE1: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+const NODE2: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+const EXTERNAL_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 10);
+const BE_LOCAL: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+const BE_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
 const RESTARTS: usize = 5;
 
-/// Where clients connect, and from which namespace.
+/// A NodePort Service (externalTrafficPolicy=Cluster) on VIP:80 and nodePort 30080, with one
+/// endpoint on each node.
+fn manifests() -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: demo}}
+spec:
+  type: NodePort
+  clusterIP: {VIP}
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: {NODE_PORT}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports:
+- {{name: http, port: 8080, protocol: TCP}}
+endpoints:
+- {{addresses: [{BE_LOCAL}], conditions: {{ready: true}}, nodeName: node-1}}
+- {{addresses: [{BE_REMOTE}], conditions: {{ready: true}}, nodeName: node-2}}
+"
+    )
+}
+
+/// Where clients connect, from which namespace and which address.
 struct Target<'a> {
     name: &'static str,
     ns: &'a Netns,
+    client: Ipv4Addr,
     to: SocketAddrV4,
 }
 
@@ -60,12 +97,13 @@ impl Tally {
     }
 }
 
-/// The agent's command line as [`OneNode`] starts it.
+/// node-1's agent command line, as [`MultiNode`] starts it.
 fn agent_command(manifests: &Path, bpffs: &Path, ifaces: &[String]) -> Command {
     let mut cmd = Command::new(agent_bin().unwrap());
     cmd.arg("--manifests")
         .arg(manifests)
-        .args(["--node-name", NODE_NAME, "--poll-interval-ms", "100"])
+        .args(["--node-name", "node-1", "--poll-interval-ms", "100"])
+        .args(["--uplink", "eth0"])
         .arg("--bpffs")
         .arg(bpffs);
     for iface in ifaces {
@@ -74,10 +112,10 @@ fn agent_command(manifests: &Path, bpffs: &Path, ifaces: &[String]) -> Command {
     cmd
 }
 
-fn lbctl(bed: &OneNode, args: &[&str]) -> Value {
+fn lbctl(bpffs: &Path, args: &[&str]) -> Value {
     let out = Command::new(lbctl_bin().unwrap())
         .arg("--bpffs")
-        .arg(bed.bpffs.path())
+        .arg(bpffs)
         .args(["--output", "json"])
         .args(args)
         .output()
@@ -90,13 +128,14 @@ fn lbctl(bed: &OneNode, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Backend address -> id, for every frontend.
-fn backend_ids(bed: &OneNode) -> Vec<(String, String, u64)> {
+/// (frontend, scope, backend address, backend id), for every frontend.
+fn backend_ids(bpffs: &Path) -> Vec<(String, String, String, u64)> {
     let mut out = Vec::new();
-    for f in lbctl(bed, &["services"]).as_array().unwrap() {
+    for f in lbctl(bpffs, &["services"]).as_array().unwrap() {
         for b in f["backends"].as_array().unwrap() {
             out.push((
-                f["protocol"].as_str().unwrap().to_string(),
+                f["address"].as_str().unwrap().to_string(),
+                f["scope"].as_str().unwrap().to_string(),
                 b["address"].as_str().unwrap().to_string(),
                 b["id"].as_u64().unwrap(),
             ));
@@ -106,13 +145,18 @@ fn backend_ids(bed: &OneNode) -> Vec<(String, String, u64)> {
     out
 }
 
-/// The forward and reply conntrack entries of one TCP flow from the client, read from the pin,
-/// without their last-seen time (which moves with every second of traffic).
-fn flow_entries(bed: &OneNode, client_port: u16, frontend: SocketAddrV4) -> Vec<(CtKey, CtValue)> {
-    let data = MapData::from_pin(bed.bpffs.path().join(map_names::CONNTRACK)).unwrap();
+/// The forward and reply conntrack entries of one TCP flow, read from the pin, without their
+/// last-seen time (which moves with every second of traffic).
+fn flow_entries(
+    bpffs: &Path,
+    client: SocketAddrV4,
+    frontend: SocketAddrV4,
+) -> Vec<(CtKey, CtValue)> {
+    let data = MapData::from_pin(bpffs.join(map_names::CONNTRACK)).unwrap();
     let ct: HashMap<_, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+    let client_port = client.port();
     let fwd = CtKey {
-        src_addr: lb_common::ipv4_to_net(CLIENT_IP),
+        src_addr: lb_common::ipv4_to_net(*client.ip()),
         dst_addr: lb_common::ipv4_to_net(*frontend.ip()),
         src_port: client_port.to_be(),
         dst_port: frontend.port().to_be(),
@@ -120,20 +164,26 @@ fn flow_entries(bed: &OneNode, client_port: u16, frontend: SocketAddrV4) -> Vec<
         dir: conntrack::CT_DIR_FORWARD,
         _pad: 0,
     };
-    let fwd_v = ct
-        .get(&fwd, 0)
-        .expect("forward entry of the long-lived flow");
+    let fwd_v = ct.get(&fwd, 0).unwrap_or_else(|e| {
+        panic!("forward entry of the long-lived flow {client} -> {frontend}: {e}")
+    });
+    // A source-NATed flow's replies come back to node-1's address and SNAT port.
+    let (dst_addr, dst_port) = if fwd_v.flags & conntrack::CT_FLAG_SNAT != 0 {
+        (fwd_v.peer_addr, fwd_v.peer_port)
+    } else {
+        (fwd.src_addr, fwd.src_port)
+    };
     let reply = CtKey {
         src_addr: fwd_v.nat_addr,
-        dst_addr: fwd.src_addr,
+        dst_addr,
         src_port: fwd_v.nat_port,
-        dst_port: fwd.src_port,
+        dst_port,
         dir: conntrack::CT_DIR_REPLY,
         ..fwd
     };
-    let reply_v = ct
-        .get(&reply, 0)
-        .expect("reply entry of the long-lived flow");
+    let reply_v = ct.get(&reply, 0).unwrap_or_else(|e| {
+        panic!("reply entry of the long-lived flow {client} -> {frontend}: {e}")
+    });
     [(fwd, fwd_v), (reply, reply_v)]
         .into_iter()
         .map(|(k, v)| {
@@ -150,47 +200,108 @@ fn flow_entries(bed: &OneNode, client_port: u16, frontend: SocketAddrV4) -> Vec<
 
 #[test]
 fn five_restarts_in_a_row_drop_nothing_and_keep_conntrack_and_ids() {
-    let backends = [
-        ("be-1", Ipv4Addr::new(198, 18, 2, 1)),
-        ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
-        ("be-3", Ipv4Addr::new(198, 18, 2, 3)),
-    ];
-    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
-    let mut bed = OneNode::start(
+    let mut bed = MultiNode::start(
         "restart",
-        &backends,
-        8080,
-        &echo_service_yaml(VIP, 80, 8080, &ips),
+        &[
+            NodeSpec {
+                name: "node-1",
+                addr: NODE1,
+                pod_net: Ipv4Addr::new(198, 18, 2, 0),
+                // The ClusterIP client is a pod on node-1 (its echo server goes unused).
+                backends: &[("be-local", BE_LOCAL), ("client", POD_CLIENT)],
+            },
+            NodeSpec {
+                name: "node-2",
+                addr: NODE2,
+                pod_net: Ipv4Addr::new(198, 18, 3, 0),
+                backends: &[("be-remote", BE_REMOTE)],
+            },
+        ],
+        EXTERNAL_CLIENT,
+        &[],
+        &manifests(),
     )
-    .unwrap();
-    bed.wait_for_tcp(SocketAddrV4::new(VIP, 80), Duration::from_secs(10))
-        .unwrap();
-    let targets = [Target {
-        name: "ClusterIP",
-        ns: &bed.client.ns,
-        to: SocketAddrV4::new(VIP, 80),
-    }];
-    // NodePort: once served, push a Target whose ns is a client outside the node and whose `to`
-    // is the node's address and the Service's nodePort.
+    .expect("start the two-node testbed");
+    let manifests = bed.manifests_dir().to_path_buf();
+    let MultiNode { nodes, client, .. } = &mut bed;
+    let node1 = &mut nodes[0];
+    let (bpffs, ifaces) = (node1.bpffs.path().to_path_buf(), node1.node.pod_ifaces());
+    let agent = &mut node1.agent;
+    let targets = [
+        Target {
+            name: "ClusterIP",
+            ns: &node1.backends[1].1.ns,
+            client: POD_CLIENT,
+            to: SocketAddrV4::new(VIP, 80),
+        },
+        Target {
+            name: "NodePort",
+            ns: client,
+            client: EXTERNAL_CLIENT,
+            to: SocketAddrV4::new(NODE1, NODE_PORT),
+        },
+    ];
+    // Both frontends answer, from both backends, before anything is measured.
+    for t in &targets {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            if let Ok(r) = tcp_request(t.ns, t.to, Duration::from_millis(500)) {
+                seen.insert(r.backend);
+            }
+            if seen.len() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "{}: both backends answer: {seen:?}\n{}",
+            t.name,
+            agent.logs()
+        );
+    }
 
-    let ids_before = backend_ids(&bed);
-    let (manifests, bpffs, ifaces) = (
-        bed.manifests_dir().to_path_buf(),
-        bed.bpffs.path().to_path_buf(),
-        bed.node.pod_ifaces(),
-    );
+    let ids_before = backend_ids(&bpffs);
     let stop = Arc::new(AtomicBool::new(false));
     let long = Tally::default();
     let short = Tally::default();
+    // One long-lived connection per target and backend: through the NodePort, the one to the
+    // remote backend is source-NATed by node-1, the other is not.
     let mut conns = Vec::new();
     for t in &targets {
-        let conn = tcp_connect(t.ns, t.to, Duration::from_secs(2)).unwrap();
-        let port = conn.stream().local_addr().unwrap().port();
-        conns.push((t, conn, port));
+        let mut by_backend = std::collections::BTreeMap::new();
+        for _ in 0..100 {
+            let conn = tcp_connect(t.ns, t.to, Duration::from_secs(2)).unwrap();
+            by_backend.entry(conn.reply.backend.clone()).or_insert(conn);
+            if by_backend.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            by_backend.len(),
+            2,
+            "{}: a connection to each backend",
+            t.name
+        );
+        for conn in by_backend.into_values() {
+            let port = conn.stream().local_addr().unwrap().port();
+            conns.push((t, conn, SocketAddrV4::new(t.client, port)));
+        }
     }
     let entries_before: Vec<_> = conns
         .iter()
-        .map(|(t, _, port)| flow_entries(&bed, *port, t.to))
+        .map(|(t, _, from)| flow_entries(&bpffs, *from, t.to))
+        .collect();
+    let snat = |e: &Vec<(CtKey, CtValue)>| e[0].1.flags & conntrack::CT_FLAG_SNAT != 0;
+    assert_eq!(
+        entries_before.iter().filter(|e| snat(e)).count(),
+        1,
+        "exactly one long-lived flow (NodePort to node-2's backend) is source-NATed"
+    );
+    let long_lived: Vec<(SocketAddrV4, SocketAddrV4, String)> = conns
+        .iter()
+        .map(|(t, conn, from)| (*from, t.to, conn.reply.backend.clone()))
         .collect();
 
     // The long-lived connections come back from their threads still open.
@@ -233,25 +344,25 @@ fn five_restarts_in_a_row_drop_nothing_and_keep_conntrack_and_ids() {
         let mut pids = Vec::new();
         for i in 0..RESTARTS {
             std::thread::sleep(Duration::from_millis(400));
-            pids.push(bed.agent.pid());
+            pids.push(agent.pid());
             if i % 2 == 0 {
-                let status = bed.agent.stop().unwrap();
-                assert!(status.success(), "SIGTERM: {status}\n{}", bed.agent.logs());
+                let status = agent.stop().unwrap();
+                assert!(status.success(), "SIGTERM: {status}\n{}", agent.logs());
             } else {
                 // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet.
-                unsafe { libc::kill(bed.agent.pid() as libc::pid_t, libc::SIGKILL) };
-                let status = bed.agent.stop().unwrap();
+                unsafe { libc::kill(agent.pid() as libc::pid_t, libc::SIGKILL) };
+                let status = agent.stop().unwrap();
                 assert!(!status.success(), "SIGKILL ends it: {status}");
             }
             let mut next: ChildGuard = spawn_in(
-                &bed.node.ns,
+                &node1.node.ns,
                 agent_command(&manifests, &bpffs, &ifaces),
                 &format!("restart{i}"),
             )
             .unwrap();
             next.wait_for_log("maps programmed", Duration::from_secs(20))
                 .unwrap();
-            bed.agent = next;
+            *agent = next;
         }
         std::thread::sleep(Duration::from_millis(400));
         stop.store(true, Ordering::Relaxed);
@@ -279,25 +390,27 @@ fn five_restarts_in_a_row_drop_nothing_and_keep_conntrack_and_ids() {
         short.errors.lock().unwrap()
     );
     // The streams really ran through the restarts (5 x ~0.4 s plus the restarts themselves).
-    assert!(
-        long_ok >= 30,
-        "only {long_ok} messages on the long-lived connection"
+    eprintln!(
+        "{RESTARTS} restarts: {long_ok} messages on {} long-lived connections, {short_ok} new \
+         connections, {long_failed} + {short_failed} failures",
+        long_lived.len()
     );
-    assert!(short_ok >= 30, "only {short_ok} new connections");
+    let n = targets.len() as u64;
+    assert!(
+        long_ok >= 30 * n,
+        "only {long_ok} messages on the long-lived connections"
+    );
+    assert!(short_ok >= 30 * n, "only {short_ok} new connections");
 
-    // The long-lived flow kept its very entries (backend id, NAT target, flags), and ids stayed.
-    let conns_after: Vec<(u16, SocketAddrV4)> = targets
-        .iter()
-        .zip(&entries_before)
-        .map(|(t, e)| (lb_common::net_to_port(e[0].0.src_port), t.to))
-        .collect();
-    for ((port, to), before) in conns_after.iter().zip(&entries_before) {
+    // The long-lived flows kept their very entries (backend id, NAT targets, flags), and ids
+    // stayed.
+    for ((from, to, backend), before) in long_lived.iter().zip(&entries_before) {
         assert_eq!(
-            &flow_entries(&bed, *port, *to),
+            &flow_entries(&bpffs, *from, *to),
             before,
-            "conntrack of the long-lived flow"
+            "conntrack of the long-lived flow {from} -> {to} (backend {backend})"
         );
     }
-    assert_eq!(backend_ids(&bed), ids_before, "backend ids");
+    assert_eq!(backend_ids(&bpffs), ids_before, "backend ids");
     drop(open);
 }

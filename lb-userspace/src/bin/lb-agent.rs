@@ -141,8 +141,20 @@ fn main() {
     if let Some(Command::Cleanup { bpffs }) = &args.command {
         std::process::exit(cleanup(bpffs));
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Unset: info. Set but invalid: refuse, rather than silently log at another level.
+    let filter = match std::env::var("LB_LOG") {
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+        Ok(directive) => match tracing_subscriber::EnvFilter::try_new(&directive) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!(
+                    "lb-agent: LB_LOG={directive:?} is not a valid filter directive ({e}); \
+                     examples: LB_LOG=debug, LB_LOG=info,lb_userspace::uplink=debug"
+                );
+                std::process::exit(2);
+            }
+        },
+    };
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
         LogFormat::Json => tracing_subscriber::fmt()

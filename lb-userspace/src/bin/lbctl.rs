@@ -1,12 +1,12 @@
 //! lbctl: inspects the pinned maps directly, so it works while the agent is down.
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::{
-    dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, FrontendAddr},
-    inspect, trace,
-};
+use lb_userspace::{dataplane::bpf::BpfMaps, inspect, trace, upgrade};
 
 #[derive(Parser)]
 #[command(
@@ -49,7 +49,8 @@ enum Command {
         #[arg(long)]
         client: Option<IpAddr>,
     },
-    /// Canonical, sorted dump of frontends and their backend slots (stable, diffable).
+    /// Canonical, sorted dump of frontends (scope, flags, rev_nat id) and their backend slots
+    /// (stable, diffable: no counters, no conntrack).
     Dump,
     /// Which frontend and backend a packet would hit, and why: runs the real program on a
     /// synthesized packet against the live maps, leaving no conntrack entry or counter behind.
@@ -64,10 +65,16 @@ enum Command {
 fn main() -> Result<()> {
     let args = Args::parse();
     let json = matches!(args.output, Output::Json);
+    check_layout(&args.bpffs)?;
     match args.command {
         Command::Dump => {
             let maps = BpfMaps::from_pins(&args.bpffs)?;
-            print!("{}", dump(&maps)?);
+            let frontends = inspect::dump(&maps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&frontends)?);
+            } else {
+                print!("{}", inspect::dump_text(&frontends));
+            }
         }
         Command::Services => {
             let s = inspect::read(&args.bpffs)?;
@@ -134,36 +141,30 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// One line per frontend, then one per backend slot, sorted by frontend.
-fn dump(maps: &impl Dataplane) -> Result<String> {
-    use std::{collections::BTreeMap, fmt::Write};
-    let backends: BTreeMap<u32, _> = maps.backends()?.into_iter().collect();
-    let services: BTreeMap<_, _> = maps.services()?.into_iter().collect();
-    let mut out = String::new();
-    let mut masters: Vec<_> = services.iter().filter(|(k, _)| k.slot == 0).collect();
-    masters.sort_by_key(|(k, _)| FrontendAddr::from_key(k));
-    for (key, master) in masters {
-        let fe = FrontendAddr::from_key(key);
-        writeln!(
-            out,
-            "{}:{}/{} rev_nat={} backends={}",
-            fe.addr,
-            fe.port,
-            inspect::protocol_name(fe.proto),
-            master.rev_nat_id,
-            master.count
-        )?;
-        for slot in 1..=master.count {
-            let id = services
-                .get(&lb_common::ServiceKey { slot, ..*key })
-                .map(|v| v.backend_id);
-            match id.and_then(|id| backends.get(&id).map(|b| (id, BackendAddr::from_value(b)))) {
-                Some((id, b)) => {
-                    writeln!(out, "  slot {slot}: backend {id} {}:{}", b.addr, b.port)?
-                }
-                None => writeln!(out, "  slot {slot}: MISSING")?,
-            }
-        }
+/// Refuses pins of another map layout: read with this lbctl's types they would show garbage.
+fn check_layout(dir: &Path) -> Result<()> {
+    let Some(found) = upgrade::pinned_version(dir)? else {
+        anyhow::bail!(
+            "nothing of lb-agent is pinned under {}: is the agent's --bpffs elsewhere (pass it \
+             with --bpffs), or has it never run on this node?",
+            dir.display()
+        );
+    };
+    let ours = lb_common::ABI_VERSION;
+    if found == ours {
+        return Ok(());
     }
-    Ok(out)
+    let fix = if found < ours {
+        format!(
+            "start the newer lb-agent (it migrates the maps to version {ours}), or use the lbctl \
+             shipped with the agent that pinned them"
+        )
+    } else {
+        format!("use the lbctl shipped with the agent that pinned them (version {found} or newer)")
+    };
+    anyhow::bail!(
+        "the maps pinned under {} have layout version {found}, but this lbctl reads layout \
+         version {ours}: {fix}",
+        dir.display()
+    )
 }
