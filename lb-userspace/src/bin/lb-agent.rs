@@ -87,6 +87,15 @@ struct Args {
     /// Conntrack table capacity (entries; two per flow). Applies when the map is first created.
     #[arg(long, default_value_t = lb_common::map_sizes::CONNTRACK, env = "LB_CONNTRACK_SIZE")]
     conntrack_size: u32,
+    /// Most TCP resets / ICMP port unreachables each CPU sends per second (and back to back) for
+    /// new flows to Services without endpoints; past it such packets are dropped.
+    #[arg(
+        long,
+        default_value_t = lb_common::reject::DEFAULT_REJECT_RATE,
+        env = "LB_REJECT_RATE",
+        value_parser = clap::value_parser!(u32).range(0..=lb_userspace::loader::RejectLimit::MAX as i64)
+    )]
+    reject_rate: u32,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -195,6 +204,7 @@ fn run(args: Args) -> Result<()> {
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
+        reject_limit: loader::RejectLimit::per_second(args.reject_rate),
     })?;
     let copied = upgrade.before_attach(&args.bpffs)?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.

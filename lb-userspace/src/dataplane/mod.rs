@@ -17,10 +17,11 @@ use std::{
 use lb_common::{
     service::{
         BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY, SVC_FLAG_SOURCE_RANGES,
     },
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, WhenEmpty};
 pub use writer::{ApplyStats, Writer};
@@ -115,12 +116,15 @@ impl FrontendAddr {
 }
 
 /// What one frontend must carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DesiredFrontend {
     /// The ServicePort it belongs to, for logs and dumps.
     pub service_port: String,
     pub backends: Vec<BackendAddr>,
     pub flags: u16,
+    /// The only sources new flows may come from (loadBalancerSourceRanges of a LoadBalancer
+    /// frontend); empty means any. Non-empty goes with [`SVC_FLAG_SOURCE_RANGES`].
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// The desired map contents, keyed by frontend.
@@ -167,6 +171,24 @@ pub fn desired(model: &Model) -> Desired {
             } else {
                 SVC_FLAG_EXTERNAL_FE
             };
+            // loadBalancerSourceRanges guard the LoadBalancer ingress IPs, from pods and from
+            // outside alike, as kube-proxy's firewall chains do.
+            let source_ranges: Vec<Ipv4Net> = if fe.kind == FrontendKind::LoadBalancer {
+                sp.lb_source_ranges
+                    .iter()
+                    .filter_map(|r| match r {
+                        IpNet::V4(v4) => Some(*v4),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let range_flag = if source_ranges.is_empty() {
+                0
+            } else {
+                SVC_FLAG_SOURCE_RANGES
+            };
             let internal = sp.traffic(fe, Origin::Pod);
             let empty_flag = |t: &crate::model::Traffic| {
                 if t.when_empty == WhenEmpty::Reject {
@@ -180,7 +202,8 @@ pub fn desired(model: &Model) -> Desired {
                 DesiredFrontend {
                     service_port: sp.id.to_string(),
                     backends: backends_of(internal.backends),
-                    flags: kind_flag | empty_flag(&internal),
+                    flags: kind_flag | empty_flag(&internal) | range_flag,
+                    source_ranges: source_ranges.clone(),
                 },
             );
             if fe.kind.is_external() {
@@ -195,7 +218,8 @@ pub fn desired(model: &Model) -> Desired {
                     DesiredFrontend {
                         service_port: sp.id.to_string(),
                         backends: backends_of(external.backends),
-                        flags: kind_flag | masquerade | empty_flag(&external),
+                        flags: kind_flag | masquerade | empty_flag(&external) | range_flag,
+                        source_ranges,
                     },
                 );
             }
@@ -234,6 +258,10 @@ pub trait Dataplane {
     /// Creates zeroed counters for a frontend (keyed by its rev_nat_id) or a backend.
     fn reset_stats(&mut self, of: StatsOf) -> Result<()>;
     fn delete_stats(&mut self, of: StatsOf) -> Result<()>;
+    /// Every source-range entry: (frontend rev_nat_id, range).
+    fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>>;
+    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()>;
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()>;
 }
 
 /// Whose counters.

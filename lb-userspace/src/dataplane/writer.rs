@@ -8,11 +8,17 @@
 //!    went away (master first, so lookups stop before the slots vanish), their rev-NAT entries,
 //!    and finally backends no frontend references.
 //!
+//! Source ranges (loadBalancerSourceRanges) follow the same rule: a frontend's new ranges are
+//! written before its master (which carries `SVC_FLAG_SOURCE_RANGES`), ranges it no longer has
+//! are deleted after it, so a flagged master never lacks its entries. Entries of a rev_nat_id no
+//! master uses (an interrupted apply) are deleted first thing, before the id can be reused.
+//!
 //! A packet racing the update therefore always finds either the old or the new backend set, and
 //! every backend id a slot names still exists. Cilium deletes orphaned backends first and drops
 //! new flows in that window; we delete them last.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use ipnet::Ipv4Net;
 use lb_common::{ServiceKey, ServiceValue};
 
 use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
@@ -24,6 +30,8 @@ struct Programmed {
     flags: u16,
     /// Backend id of slot i+1.
     slots: Vec<u32>,
+    /// Source-range entries under `rev_nat_id`.
+    source_ranges: BTreeSet<Ipv4Net>,
 }
 
 /// Counts of map operations, for logs and tests.
@@ -45,6 +53,8 @@ pub struct Writer {
     used_rev_nat_ids: HashSet<u16>,
     /// Slot entries found at adoption that no master names (an apply interrupted mid-way).
     stray_slots: Vec<ServiceKey>,
+    /// Source-range entries found at adoption whose rev_nat_id no master uses.
+    stray_ranges: Vec<(u16, Ipv4Net)>,
     /// Next id to try; ids are handed out round-robin so a freed id is not reused at once.
     next_backend_id: u32,
     next_rev_nat_id: u16,
@@ -85,8 +95,28 @@ impl Writer {
                     rev_nat_id: master.rev_nat_id,
                     flags: master.flags,
                     slots,
+                    source_ranges: BTreeSet::new(),
                 },
             );
+        }
+        let mut stray_ranges = Vec::new();
+        {
+            let by_rev_nat: HashMap<u16, FrontendAddr> = frontends
+                .iter()
+                .map(|(fe, p): (&FrontendAddr, &Programmed)| (p.rev_nat_id, *fe))
+                .collect();
+            for (id, range) in dp.source_ranges()? {
+                match by_rev_nat.get(&id) {
+                    Some(fe) => {
+                        frontends
+                            .get_mut(fe)
+                            .expect("listed above")
+                            .source_ranges
+                            .insert(range);
+                    }
+                    None => stray_ranges.push((id, range)),
+                }
+            }
         }
         let used_backend_ids = backend_ids.values().copied().collect();
         let used_rev_nat_ids = frontends
@@ -99,6 +129,7 @@ impl Writer {
             used_backend_ids,
             used_rev_nat_ids,
             stray_slots: Vec::new(),
+            stray_ranges,
             next_backend_id: max_backend % MAX_BACKEND_ID + 1,
             next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
         };
@@ -144,6 +175,12 @@ impl Writer {
     fn apply_once(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
+        // 0. Source ranges no master names: harmless now, wrong once their id is reused.
+        for (id, range) in std::mem::take(&mut self.stray_ranges) {
+            dp.delete_source_range(id, range)?;
+            stats.map_deletes += 1;
+        }
+
         // 1. New backends.
         let wanted: BTreeSet<BackendAddr> = desired
             .values()
@@ -177,11 +214,11 @@ impl Writer {
                 .take(MAX_SLOTS)
                 .map(|b| self.backend_ids[b])
                 .collect();
+            let ranges: BTreeSet<Ipv4Net> = want.source_ranges.iter().map(|r| r.trunc()).collect();
             let old = self.frontends.get(fe).cloned();
-            if old
-                .as_ref()
-                .is_some_and(|o| o.slots == slots && o.flags == want.flags)
-            {
+            if old.as_ref().is_some_and(|o| {
+                o.slots == slots && o.flags == want.flags && o.source_ranges == ranges
+            }) {
                 continue;
             }
             let rev_nat_id = match &old {
@@ -195,6 +232,14 @@ impl Writer {
                     id
                 }
             };
+            let old_ranges = old
+                .as_ref()
+                .map(|o| o.source_ranges.clone())
+                .unwrap_or_default();
+            for range in ranges.difference(&old_ranges) {
+                dp.put_source_range(rev_nat_id, *range)?;
+                stats.map_writes += 1;
+            }
             let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or(&[]);
             for (i, &id) in slots.iter().enumerate() {
                 if old_slots.get(i) != Some(&id) {
@@ -221,6 +266,10 @@ impl Writer {
                 dp.delete_service(fe.key(slot as u16 + 1))?;
                 stats.map_deletes += 1;
             }
+            for range in old_ranges.difference(&ranges) {
+                dp.delete_source_range(rev_nat_id, *range)?;
+                stats.map_deletes += 1;
+            }
             stats.frontends_changed += 1;
             self.frontends.insert(
                 *fe,
@@ -228,6 +277,7 @@ impl Writer {
                     rev_nat_id,
                     flags: want.flags,
                     slots,
+                    source_ranges: ranges,
                 },
             );
         }
@@ -244,6 +294,10 @@ impl Writer {
             dp.delete_service(fe.key(0))?;
             for slot in 1..=p.slots.len() {
                 dp.delete_service(fe.key(slot as u16))?;
+            }
+            for range in &p.source_ranges {
+                dp.delete_source_range(p.rev_nat_id, *range)?;
+                stats.map_deletes += 1;
             }
             dp.delete_rev_nat(p.rev_nat_id)?;
             dp.delete_stats(StatsOf::Frontend(p.rev_nat_id))?;
