@@ -11,8 +11,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     proto,
     reject::{
-        icmp_port_unreachable, tcp_rst, DEFAULT_REJECT_RATE, ICMP_HEADERS_LEN,
-        ICMP_QUOTE_L4_BYTES, RST_FRAME_LEN,
+        icmp_port_unreachable, tcp_rst, DEFAULT_REJECT_RATE, ICMP_HEADERS_LEN, ICMP_QUOTE_L4_BYTES,
+        RST_FRAME_LEN,
     },
     service::{SCOPE_EXTERNAL, SVC_FLAG_REJECT_EMPTY},
     stats::drop_reason,

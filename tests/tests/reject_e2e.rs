@@ -208,9 +208,9 @@ fn lb_ip_serves_clients_inside_its_source_ranges_only() {
         r.unwrap_or_else(|e| panic!("request {i} from inside: {e:#}\nagent log:\n{}", bed.logs()));
     }
     // 198.18.100.20 is not: its SYNs are dropped, nothing answers.
-    let outside = bed.client.run(|| {
-        tcp_request_from_here(SocketAddrV4::new(OUTSIDER, 0), to, Duration::from_secs(2))
-    });
+    let outside = bed
+        .client
+        .run(|| tcp_request_from_here(SocketAddrV4::new(OUTSIDER, 0), to, Duration::from_secs(2)));
     assert!(outside.is_err(), "a client outside the ranges got through");
     assert!(drops(bed.nodes[0].bpffs.path(), drop_reason::SOURCE_RANGE) >= 1);
     // The NodePort of the same Service is not guarded (ranges apply to LB IPs only).

@@ -549,11 +549,20 @@ fn syn_to_a_service_without_endpoints_is_answered_with_a_reset_to_the_pod() {
         &empty_frontend(80, lb_common::proto::TCP, SVC_FLAG_REJECT_EMPTY),
     ));
     let (verdict, out) = f.run(&tcp_syn((CLIENT, 40100), (VIP, 80)));
-    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the pod's interface");
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "sent back out of the pod's interface"
+    );
     // RST+ACK from the ClusterIP, seq 0, ack = the SYN's seq (1000) + 1, no payload, back to
     // the pod's MAC.
-    let ip = etherparse::Ipv4Header::new(20, 64, etherparse::IpNumber::TCP, VIP.octets(), CLIENT.octets())
-        .unwrap();
+    let ip = etherparse::Ipv4Header::new(
+        20,
+        64,
+        etherparse::IpNumber::TCP,
+        VIP.octets(),
+        CLIENT.octets(),
+    )
+    .unwrap();
     let mut tcp = etherparse::TcpHeader::new(80, 40100, 0, 0);
     tcp.rst = true;
     tcp.ack = true;
@@ -568,7 +577,10 @@ fn syn_to_a_service_without_endpoints_is_answered_with_a_reset_to_the_pod() {
     assert_checksums_valid(&out);
     assert_eq!(f.drops(drop_reason::REJECTED), 1);
     assert_eq!(f.drops(drop_reason::NO_BACKEND), 0);
-    assert!(f.conntrack_entries().is_empty(), "a refused flow leaves no state");
+    assert!(
+        f.conntrack_entries().is_empty(),
+        "a refused flow leaves no state"
+    );
 }
 
 #[test]
@@ -579,7 +591,11 @@ fn udp_to_a_service_without_endpoints_gets_a_port_unreachable_quoting_it() {
         &empty_frontend(53, lb_common::proto::UDP, SVC_FLAG_REJECT_EMPTY),
     ));
     for (i, input) in [
-        udp((CLIENT, 40101), (VIP, 53), b"a datagram longer than the quote"),
+        udp(
+            (CLIENT, 40101),
+            (VIP, 53),
+            b"a datagram longer than the quote",
+        ),
         // IP options are quoted too: the whole header as received.
         with_ip_options(&udp((CLIENT, 40102), (VIP, 53), b"q")),
     ]
@@ -588,12 +604,8 @@ fn udp_to_a_service_without_endpoints_gets_a_port_unreachable_quoting_it() {
     {
         let (verdict, out) = f.run(&input);
         assert_eq!(verdict, TC_ACT_REDIRECT, "case {i}");
-        let want = fixture::port_unreachable(
-            (NODE_MAC, CLIENT_MAC),
-            VIP,
-            CLIENT,
-            &fixture::quote(&input),
-        );
+        let want =
+            fixture::port_unreachable((NODE_MAC, CLIENT_MAC), VIP, CLIENT, &fixture::quote(&input));
         assert_eq!(out, want, "case {i}: byte-exact ICMP port unreachable");
         assert_checksums_valid(&out);
     }
@@ -676,7 +688,10 @@ fn lb_frontend_takes_new_flows_only_from_its_source_ranges() {
                 local: true,
             }],
             flags: SVC_FLAG_EXTERNAL_FE | SVC_FLAG_SOURCE_RANGES,
-            source_ranges: vec!["198.18.1.0/24".parse().unwrap(), "198.18.5.5/32".parse().unwrap()],
+            source_ranges: vec![
+                "198.18.1.0/24".parse().unwrap(),
+                "198.18.5.5/32".parse().unwrap(),
+            ],
         },
     )]
     .into_iter()
@@ -685,13 +700,21 @@ fn lb_frontend_takes_new_flows_only_from_its_source_ranges() {
 
     let (verdict, out) = f.run(&tcp_syn((CLIENT, 40120), (VIP, 443)));
     assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, tcp_syn((CLIENT, 40120), (backend(1), 8080)), "inside: DNATed");
+    assert_eq!(
+        out,
+        tcp_syn((CLIENT, 40120), (backend(1), 8080)),
+        "inside: DNATed"
+    );
     assert_eq!(f.conntrack_entries().len(), 2);
 
     let (verdict, _) = f.run(&tcp_syn((outsider, 40121), (VIP, 443)));
     assert_eq!(verdict, TC_ACT_SHOT, "outside: dropped");
     assert_eq!(f.drops(drop_reason::SOURCE_RANGE), 1);
-    assert_eq!(f.conntrack_entries().len(), 2, "no state for the refused flow");
+    assert_eq!(
+        f.conntrack_entries().len(),
+        2,
+        "no state for the refused flow"
+    );
 
     // A /32 entry matches exactly that address.
     let (verdict, _) = f.run(&tcp_syn((Ipv4Addr::new(198, 18, 5, 5), 40122), (VIP, 443)));

@@ -476,15 +476,26 @@ fn nodeport_without_endpoints_answers_a_syn_with_a_reset_out_of_the_uplink() {
     let up = Uplink::new("xfx-rej-rst");
     let mut f = Fixture::new(
         "xfx-rej-rst",
-        &nodeport(NODEPORT, TCP, vec![], SVC_FLAG_MASQUERADE | SVC_FLAG_REJECT_EMPTY),
+        &nodeport(
+            NODEPORT,
+            TCP,
+            vec![],
+            SVC_FLAG_MASQUERADE | SVC_FLAG_REJECT_EMPTY,
+        ),
     );
     let (verdict, out) = up.run(
         &mut f,
         &syn((CLIENT, 40200), (NODE, NODEPORT), (CLIENT_MAC, UPLINK_MAC)),
     );
     assert_eq!(verdict, XDP_TX, "straight back out of the uplink");
-    let ip = Ipv4Header::new(20, 64, etherparse::IpNumber::TCP, NODE.octets(), CLIENT.octets())
-        .unwrap();
+    let ip = Ipv4Header::new(
+        20,
+        64,
+        etherparse::IpNumber::TCP,
+        NODE.octets(),
+        CLIENT.octets(),
+    )
+    .unwrap();
     let mut tcp = etherparse::TcpHeader::new(NODEPORT, 40200, 0, 0);
     tcp.rst = true;
     tcp.ack = true;
@@ -495,7 +506,10 @@ fn nodeport_without_endpoints_answers_a_syn_with_a_reset_out_of_the_uplink() {
         .tcp_header(tcp)
         .write(&mut want, &[])
         .unwrap();
-    assert_eq!(out, want, "byte-exact RST from the NodePort to the client's MAC");
+    assert_eq!(
+        out, want,
+        "byte-exact RST from the NodePort to the client's MAC"
+    );
     assert_checksums_valid(&out);
     assert_eq!(f.drops(drop_reason::REJECTED), 1);
     assert!(f.conntrack_entries().is_empty());
@@ -507,7 +521,12 @@ fn udp_nodeport_without_endpoints_answers_with_a_port_unreachable() {
     let up = Uplink::new("xfx-rej-icmp");
     let mut f = Fixture::new(
         "xfx-rej-icmp",
-        &nodeport(NODEPORT, UDP, vec![], SVC_FLAG_MASQUERADE | SVC_FLAG_REJECT_EMPTY),
+        &nodeport(
+            NODEPORT,
+            UDP,
+            vec![],
+            SVC_FLAG_MASQUERADE | SVC_FLAG_REJECT_EMPTY,
+        ),
     );
     let input = udp_packet(
         (CLIENT_MAC, UPLINK_MAC),
@@ -550,5 +569,9 @@ fn lb_ip_drops_new_flows_from_outside_its_source_ranges() {
     let (verdict, _) = up.run(&mut f, &input);
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(f.drops(drop_reason::SOURCE_RANGE), 1);
-    assert_eq!(f.conntrack_entries().len(), 2, "only the allowed flow's entries");
+    assert_eq!(
+        f.conntrack_entries().len(),
+        2,
+        "only the allowed flow's entries"
+    );
 }

@@ -7,8 +7,7 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use lb_common::{
-    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
-    TrafficCounters,
+    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters,
 };
 
 use super::{Dataplane, Error, Result, StatsOf};

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use ipnet::Ipv4Net;
-use lb_common::{service::SVC_FLAG_SOURCE_RANGES, BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use lb_common::{
+    service::SVC_FLAG_SOURCE_RANGES, BackendValue, RevNatValue, ServiceKey, ServiceValue,
+};
 
 use super::{Dataplane, Error, Result, StatsOf};
 

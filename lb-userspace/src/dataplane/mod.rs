@@ -14,6 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
+use ipnet::{IpNet, Ipv4Net};
 use lb_common::{
     service::{
         BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
@@ -21,7 +22,6 @@ use lb_common::{
     },
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
-use ipnet::{IpNet, Ipv4Net};
 
 use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, WhenEmpty};
 pub use writer::{ApplyStats, Writer};

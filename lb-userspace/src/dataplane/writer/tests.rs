@@ -267,6 +267,15 @@ impl crate::dataplane::Dataplane for FailingMaps {
     fn delete_stats(&mut self, of: crate::dataplane::StatsOf) -> Result<()> {
         self.inner.delete_stats(of)
     }
+    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::Ipv4Net)>> {
+        self.inner.source_ranges()
+    }
+    fn put_source_range(&mut self, rev_nat_id: u16, range: ipnet::Ipv4Net) -> Result<()> {
+        self.inner.put_source_range(rev_nat_id, range)
+    }
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::Ipv4Net) -> Result<()> {
+        self.inner.delete_source_range(rev_nat_id, range)
+    }
 }
 
 #[test]
@@ -349,9 +358,16 @@ fn with_ranges(f: FrontendAddr, backends: &[u8], ranges: &[&str]) -> Desired {
 fn source_ranges_are_written_before_the_flag_and_deleted_after_it() {
     let mut maps = FakeMaps::default();
     let mut w = Writer::adopt(&maps).unwrap();
-    w.apply(&mut maps, &with_ranges(fe(10, 443), &[1], &["203.0.113.0/24"]))
+    w.apply(
+        &mut maps,
+        &with_ranges(fe(10, 443), &[1], &["203.0.113.0/24"]),
+    )
+    .unwrap();
+    let master = maps
+        .log
+        .iter()
+        .position(|l| l == "put service slot 0")
         .unwrap();
-    let master = maps.log.iter().position(|l| l == "put service slot 0").unwrap();
     let range = maps
         .log
         .iter()
@@ -361,8 +377,11 @@ fn source_ranges_are_written_before_the_flag_and_deleted_after_it() {
 
     // Another list: the new entry first, the master untouched, the old entry last.
     maps.log.clear();
-    w.apply(&mut maps, &with_ranges(fe(10, 443), &[1], &["198.51.100.0/24"]))
-        .unwrap();
+    w.apply(
+        &mut maps,
+        &with_ranges(fe(10, 443), &[1], &["198.51.100.0/24"]),
+    )
+    .unwrap();
     let id = maps.services[&fe(10, 443).key(0)].rev_nat_id;
     assert_eq!(
         maps.log,
@@ -375,7 +394,8 @@ fn source_ranges_are_written_before_the_flag_and_deleted_after_it() {
 
     // No list: flag cleared on the master before the entry goes.
     maps.log.clear();
-    w.apply(&mut maps, &with_ranges(fe(10, 443), &[1], &[])).unwrap();
+    w.apply(&mut maps, &with_ranges(fe(10, 443), &[1], &[]))
+        .unwrap();
     assert_eq!(
         maps.log,
         [
