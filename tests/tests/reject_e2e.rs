@@ -10,7 +10,7 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{map_names, stats::drop_reason};
 use lb_tests::{
-    cluster::{echo_service_yaml, OneNode},
+    cluster::{echo_service_yaml, lbctl_bin, OneNode},
     fabric::{MultiNode, NodeSpec},
     tcp_request_from_here, tcp_requests, Netns,
 };
@@ -37,6 +37,22 @@ fn udp_error(ns: &Netns, to: SocketAddrV4) -> std::io::Error {
     .expect_err("the datagram must not be answered")
 }
 
+/// `lbctl trace SRC DST` against the agent whose pins are in `bpffs`, as JSON.
+fn trace(bpffs: &std::path::Path, src: &str, dst: &str) -> serde_json::Value {
+    let out = std::process::Command::new(lbctl_bin().unwrap())
+        .arg("--bpffs")
+        .arg(bpffs)
+        .args(["--output", "json", "trace", src, dst])
+        .output()
+        .expect("run lbctl");
+    assert!(
+        out.status.success(),
+        "lbctl trace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("lbctl prints JSON")
+}
+
 /// A drop counter of the agent whose pins are in `bpffs`, summed over CPUs.
 fn drops(bpffs: &std::path::Path, reason: u32) -> u64 {
     let data = MapData::from_pin(bpffs.join(map_names::DROPS)).expect("drop counters pinned");
@@ -55,6 +71,15 @@ fn pod_to_a_cluster_ip_without_endpoints_is_refused_over_tcp_and_udp() {
     )
     .expect("start the one-node testbed");
     let to = SocketAddrV4::new(vip, 80);
+    for proto in ["tcp", "udp"] {
+        let t = trace(bed.bpffs.path(), "198.18.1.10", &format!("{to}/{proto}"));
+        assert_eq!(t["verdict"], "reject", "{t:#}");
+    }
+    assert_eq!(
+        drops(bed.bpffs.path(), drop_reason::REJECTED),
+        0,
+        "a trace sends nothing and counts nothing"
+    );
     let e = tcp_connect_error(&bed.client.ns, to);
     assert_eq!(
         e.kind(),
@@ -212,6 +237,16 @@ fn lb_ip_serves_clients_inside_its_source_ranges_only() {
         .client
         .run(|| tcp_request_from_here(SocketAddrV4::new(OUTSIDER, 0), to, Duration::from_secs(2)));
     assert!(outside.is_err(), "a client outside the ranges got through");
+    let t = trace(
+        bed.nodes[0].bpffs.path(),
+        &OUTSIDER.to_string(),
+        &format!("{to}/tcp"),
+    );
+    assert_eq!(t["verdict"], "drop", "{t:#}");
+    assert!(
+        t["reason"].as_str().unwrap().starts_with("source range"),
+        "{t:#}"
+    );
     assert!(drops(bed.nodes[0].bpffs.path(), drop_reason::SOURCE_RANGE) >= 1);
     // The NodePort of the same Service is not guarded (ranges apply to LB IPs only).
     let np = bed.client.run(|| {
