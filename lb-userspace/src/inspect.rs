@@ -212,6 +212,12 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
         }
         if master.count == 0 {
             flags.push("no-backends");
+            if master.flags & lb_common::service::SVC_FLAG_REJECT_EMPTY != 0 {
+                flags.push("reject");
+            }
+        }
+        if master.flags & lb_common::service::SVC_FLAG_SOURCE_RANGES != 0 {
+            flags.push("source-ranges");
         }
         frontends.push(FrontendView {
             address: SocketAddrV4::new(fe.addr, fe.port),

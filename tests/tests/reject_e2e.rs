@@ -37,20 +37,26 @@ fn udp_error(ns: &Netns, to: SocketAddrV4) -> std::io::Error {
     .expect_err("the datagram must not be answered")
 }
 
-/// `lbctl trace SRC DST` against the agent whose pins are in `bpffs`, as JSON.
-fn trace(bpffs: &std::path::Path, src: &str, dst: &str) -> serde_json::Value {
+/// `lbctl ARGS` against the agent whose pins are in `bpffs`, as JSON.
+fn lbctl(bpffs: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(lbctl_bin().unwrap())
         .arg("--bpffs")
         .arg(bpffs)
-        .args(["--output", "json", "trace", src, dst])
+        .args(["--output", "json"])
+        .args(args)
         .output()
         .expect("run lbctl");
     assert!(
         out.status.success(),
-        "lbctl trace: {}",
+        "lbctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("lbctl prints JSON")
+}
+
+/// `lbctl trace SRC DST`.
+fn trace(bpffs: &std::path::Path, src: &str, dst: &str) -> serde_json::Value {
+    lbctl(bpffs, &["trace", src, dst])
 }
 
 /// A drop counter of the agent whose pins are in `bpffs`, summed over CPUs.
@@ -71,6 +77,17 @@ fn pod_to_a_cluster_ip_without_endpoints_is_refused_over_tcp_and_udp() {
     )
     .expect("start the one-node testbed");
     let to = SocketAddrV4::new(vip, 80);
+    let services = lbctl(bed.bpffs.path(), &["services"]);
+    let tcp = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["protocol"] == "TCP" && f["address"] == to.to_string())
+        .unwrap_or_else(|| panic!("no TCP frontend {to}: {services:#}"));
+    assert_eq!(
+        tcp["flags"],
+        serde_json::json!(["ClusterIP", "no-backends", "reject"])
+    );
     for proto in ["tcp", "udp"] {
         let t = trace(bed.bpffs.path(), "198.18.1.10", &format!("{to}/{proto}"));
         assert_eq!(t["verdict"], "reject", "{t:#}");
