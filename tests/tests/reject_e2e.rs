@@ -131,17 +131,18 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 const OUTSIDER: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 20);
 const LB_EMPTY: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 1);
 const LB_GUARDED: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 2);
+const LB_LOCAL: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 3);
 const BE: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 
 /// A LoadBalancer Service `demo/NAME` (TCP and UDP 80 -> 8080, NodePort `node_port`) with LB IP
-/// `lb_ip`, the given source ranges, and endpoints on node-1.
+/// `lb_ip`, the given source ranges, and endpoints (address, node).
 fn lb_service(
     name: &str,
     cluster_ip: &str,
     node_port: u16,
     lb_ip: Ipv4Addr,
     ranges: &[&str],
-    endpoints: &[Ipv4Addr],
+    endpoints: &[(Ipv4Addr, &str)],
 ) -> String {
     let ranges = if ranges.is_empty() {
         String::new()
@@ -176,9 +177,9 @@ ports:
 endpoints:
 "
     );
-    for addr in endpoints {
+    for (addr, node) in endpoints {
         y.push_str(&format!(
-            "- {{addresses: [{addr}], conditions: {{ready: true}}, nodeName: node-1}}\n"
+            "- {{addresses: [{addr}], conditions: {{ready: true}}, nodeName: {node}}}\n"
         ));
     }
     y
@@ -193,7 +194,20 @@ fn start_external(tag: &str) -> MultiNode {
             30091,
             LB_GUARDED,
             &["198.18.100.8/30"],
-            &[BE],
+            &[(BE, "node-1")],
+        ),
+        // externalTrafficPolicy=Local with its only endpoint on another node.
+        lb_service(
+            "local-elsewhere",
+            "198.19.0.32",
+            30092,
+            LB_LOCAL,
+            &[],
+            &[(Ipv4Addr::new(198, 18, 3, 1), "node-2")],
+        )
+        .replace(
+            "  type: LoadBalancer\n",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n",
         ),
     ]
     .concat();
@@ -274,4 +288,24 @@ fn lb_ip_serves_clients_inside_its_source_ranges_only() {
         )
     });
     np.unwrap_or_else(|e| panic!("NodePort from outside the ranges: {e:#}\n{}", bed.logs()));
+}
+
+#[test]
+fn local_policy_without_a_local_endpoint_drops_external_traffic_instead_of_refusing_it() {
+    let bed = start_external("etp-none");
+    for to in [
+        SocketAddrV4::new(NODE1, 30092),
+        SocketAddrV4::new(LB_LOCAL, 80),
+    ] {
+        let e = tcp_connect_error(&bed.client, to);
+        assert_eq!(
+            e.kind(),
+            ErrorKind::TimedOut,
+            "{to}: dropped, so the client hears nothing: {e}\nagent log:\n{}",
+            bed.logs()
+        );
+    }
+    let pins = bed.nodes[0].bpffs.path();
+    assert!(drops(pins, drop_reason::NO_LOCAL_BACKEND) >= 2);
+    assert_eq!(drops(pins, drop_reason::REJECTED), 0);
 }
