@@ -17,18 +17,22 @@
 //!  fe_stats   PERCPU_HASH u32 rev_nat_id -> TrafficCounters
 //!  be_stats   PERCPU_HASH u32 backend id -> TrafficCounters
 //!  drops      PERCPU_ARRAY u32 drop reason -> u64 packets
+//!  src_ranges LPM_TRIE {prefixlen, SourceRangeKey{rev_nat_id, addr}} -> u8 (1 = allowed)
+//!  reject_bkt PERCPU_ARRAY u32 0 -> RejectBucket (rate limit of rejects)
 //! ```
 #![no_std]
 
 pub mod conntrack;
 pub mod csum;
 pub mod legacy;
+pub mod reject;
 pub mod service;
 pub mod stats;
 
 pub use conntrack::{CtKey, CtValue};
+pub use reject::RejectBucket;
 pub use service::{
-    AffinityKey, AffinityValue, BackendValue, RevNatValue, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
 pub use stats::TrafficCounters;
 
@@ -54,6 +58,11 @@ pub mod map_names {
     /// ARRAY of one u32: the [`crate::ABI_VERSION`] of the maps pinned beside it. Created and
     /// read by userspace only; its own layout never changes.
     pub const META: &str = "LB_META";
+    /// LPM_TRIE `{prefixlen, SourceRangeKey}` -> u8: the loadBalancerSourceRanges of frontends
+    /// flagged `SVC_FLAG_SOURCE_RANGES`.
+    pub const SOURCE_RANGES: &str = "LB_SRC_RANGES";
+    /// PERCPU_ARRAY of one [`crate::RejectBucket`]: the reject rate limit's state.
+    pub const REJECT_BUCKET: &str = "LB_REJECT_BKT";
 }
 
 /// Default map capacities. The conntrack size can be changed by the agent before load.
@@ -70,6 +79,8 @@ pub mod map_sizes {
     pub const FRONTEND_STATS: u32 = 65_536;
     /// One per backend.
     pub const BACKEND_STATS: u32 = BACKENDS;
+    /// Source-range entries over all LoadBalancer frontends.
+    pub const SOURCE_RANGES: u32 = 65_536;
 }
 
 /// `BPF_F_NO_PREALLOC`: the stats maps allocate an entry only when userspace creates it, so

@@ -72,6 +72,36 @@ pub const SVC_FLAG_MASQUERADE: u16 = 1 << 2;
 /// The ServicePort has no usable endpoint anywhere: new flows are refused rather than dropped
 /// (a count of zero without this flag means "endpoints exist, none this traffic may use").
 pub const SVC_FLAG_REJECT_EMPTY: u16 = 1 << 3;
+/// The frontend (a LoadBalancer ingress IP) accepts new flows only from the sources listed for
+/// its rev_nat_id in the source-ranges map.
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 5;
+
+/// Data part of a source-ranges LPM trie key (`bpf_lpm_trie_key` is a `u32` prefix length
+/// followed by this). The first 32 bits (rev_nat_id and padding) always match in full, so the
+/// prefix length of an entry is `32 + CIDR length`; the address is matched by its CIDR prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SourceRangeKey {
+    /// The frontend's rev_nat_id (one per frontend and scope).
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// Source address (or CIDR base), network order.
+    pub addr: u32,
+}
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 8);
+
+impl SourceRangeKey {
+    /// Bits of the key before the address: rev_nat_id and padding.
+    pub const ID_BITS: u32 = 32;
+
+    pub const fn new(rev_nat_id: u16, addr: u32) -> Self {
+        Self {
+            rev_nat_id,
+            _pad: 0,
+            addr,
+        }
+    }
+}
 
 /// The slots hold only backends on this node (internalTrafficPolicy=Local for the internal scope,
 /// externalTrafficPolicy=Local for the external one): session affinity may only return a flow
@@ -152,4 +182,6 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }

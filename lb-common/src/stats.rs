@@ -48,10 +48,18 @@ pub mod drop_reason {
     pub const NO_ROUTE: u32 = 5;
     /// A translated packet was larger than the MTU towards its new destination.
     pub const MTU_EXCEEDED: u32 = 6;
-    /// Number of reasons; the size of the array.
-    pub const COUNT: u32 = 8;
+    /// A new flow to a ServicePort without any endpoint was refused: a TCP RST or an ICMP port
+    /// unreachable went back to the client instead (the packet itself is consumed).
+    pub const REJECTED: u32 = 7;
+    /// As [`REJECTED`], but over the per-CPU reject rate limit: dropped without an answer.
+    pub const REJECT_RATE_LIMITED: u32 = 8;
+    /// A new flow to a LoadBalancer frontend from a source outside its loadBalancerSourceRanges.
+    pub const SOURCE_RANGE: u32 = 9;
+    /// Size of the array: room for reasons added later without recreating the pinned map
+    /// (userspace recreates an older, smaller one).
+    pub const COUNT: u32 = 16;
     /// Names for metrics and `lbctl`, indexed by reason.
-    pub const NAMES: [&str; 7] = [
+    pub const NAMES: [&str; 10] = [
         "no_backend",
         "no_local_backend",
         "snat_ports_exhausted",
@@ -59,7 +67,11 @@ pub mod drop_reason {
         "map_inconsistent",
         "no_route",
         "mtu_exceeded",
+        "rejected",
+        "reject_rate_limited",
+        "source_range",
     ];
+    const _: () = assert!(NAMES.len() as u32 <= COUNT);
 }
 
 #[cfg(feature = "user")]

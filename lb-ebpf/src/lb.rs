@@ -12,7 +12,7 @@ use lb_common::{
     },
     service::{
         BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MASQUERADE, SVC_FLAG_SOURCE_RANGES,
     },
     stats::drop_reason,
     AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, ServiceKey, ServiceValue,
@@ -30,6 +30,9 @@ pub enum Verdict {
     Pass,
     /// Drop it (a frontend with no usable backend).
     Drop,
+    /// Answer it in place with a TCP RST or an ICMP port unreachable from the frontend, sent
+    /// back the way it came (a ServicePort without endpoints; see [`crate::reject`]).
+    Reject,
     /// Rewrite it.
     Nat(Nat),
 }
@@ -79,7 +82,7 @@ impl Nat {
 
 /// A drop, counted under `reason` unless the packet is a trace.
 #[inline(always)]
-fn drop(reason: u32, record: bool) -> Verdict {
+pub fn drop(reason: u32, record: bool) -> Verdict {
     if record {
         count_drop(reason);
     }
@@ -412,13 +415,13 @@ fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
         Some(m) => *m,
         None => return Err(Verdict::Pass),
     };
+    if master.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && !crate::source_ranges::allowed(master.rev_nat_id, flow.src_addr)
+    {
+        return Err(drop(drop_reason::SOURCE_RANGE, record));
+    }
     if master.count == 0 {
-        let reason = if scope == SCOPE_EXTERNAL && master.flags & SVC_FLAG_REJECT_EMPTY == 0 {
-            drop_reason::NO_LOCAL_BACKEND
-        } else {
-            drop_reason::NO_BACKEND
-        };
-        return Err(drop(reason, record));
+        return Err(crate::reject::when_empty(flow, scope, master.flags, record));
     }
     if master.affinity_timeout != 0 {
         if let Some(pick) = affinity_pick(flow, &master, record) {

@@ -10,6 +10,8 @@
 mod lb;
 mod maps;
 mod packet;
+mod reject;
+mod source_ranges;
 mod tc;
 mod xdp;
 

@@ -2,11 +2,11 @@
 //! them under the agent's `--bpffs` directory. Layouts and names come from lb-common.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    map_sizes, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey,
-    ServiceValue, TrafficCounters, BPF_F_NO_PREALLOC,
+    map_sizes, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RejectBucket, RevNatValue,
+    ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters, BPF_F_NO_PREALLOC,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -35,6 +35,13 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficCounters> =
 
 #[map(name = "LB_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(lb_common::stats::drop_reason::COUNT, 0);
+
+#[map(name = "LB_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(map_sizes::SOURCE_RANGES, 0);
+
+#[map(name = "LB_REJECT_BKT")]
+pub static REJECT_BUCKET: PerCpuArray<RejectBucket> = PerCpuArray::pinned(1, 0);
 
 /// Counts one dropped packet under `reason` ([`lb_common::stats::drop_reason`]).
 #[inline(always)]

@@ -5,7 +5,9 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+    },
     macros::classifier,
     programs::TcContext,
 };
@@ -14,6 +16,7 @@ use lb_common::proto;
 use crate::{
     lb::{self, Nat, Verdict},
     packet::{self, Flow, PacketRead, PacketWrite, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    reject::{self, Answer, QUOTE_SHIFT},
 };
 
 impl PacketRead for TcContext {
@@ -73,6 +76,7 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
     match verdict {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop => Ok(TC_ACT_SHOT),
+        Verdict::Reject => answer(ctx, flow),
         Verdict::Nat(nat) => {
             rewrite(
                 ctx,
@@ -100,6 +104,43 @@ fn apply(ctx: &TcContext, flow: &Flow, verdict: Verdict) -> Result<i32, i64> {
             Ok(TC_ACT_OK)
         }
     }
+}
+
+/// Turns the packet into the answer of [`reject`] and sends it back out of the interface it came
+/// in on, i.e. to the pod that sent it.
+///
+/// The skb may still say CHECKSUM_PARTIAL (veth offload of the pod's checksum): the answer's
+/// checksums are complete, and the receiving pod's stack does not recompute a partial one, so
+/// the flag is harmless on the way back into the pod.
+#[inline(always)]
+fn answer(ctx: &TcContext, flow: &Flow) -> Result<i32, i64> {
+    let skb = ctx.skb.skb as *mut _;
+    match reject::build(ctx, flow).ok_or(-1)? {
+        Answer::Rst(frame) => {
+            // SAFETY: the context pointer the kernel passed in; the helper checks the length.
+            let rc = unsafe { bpf_skb_change_tail(skb, frame.len() as u32, 0) };
+            if rc != 0 {
+                return Err(rc);
+            }
+            ctx.store(0, &frame, 0)?;
+        }
+        Answer::Icmp { headers, quote_len } => {
+            // SAFETY: as above; the new room in front is zeroed by the kernel.
+            let rc = unsafe { bpf_skb_change_head(skb, QUOTE_SHIFT as u32, 0) };
+            if rc != 0 {
+                return Err(rc);
+            }
+            // SAFETY: as above.
+            let rc = unsafe { bpf_skb_change_tail(skb, (headers.len() + quote_len) as u32, 0) };
+            if rc != 0 {
+                return Err(rc);
+            }
+            ctx.store(0, &headers, 0)?;
+        }
+    }
+    // SAFETY: reading a plain field of the context; bpf_redirect has no preconditions and
+    // returns the tc action to use.
+    Ok(unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) } as i32)
 }
 
 /// Sends a translated packet towards its destination without the stack's input routing: a FIB

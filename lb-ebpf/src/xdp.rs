@@ -18,7 +18,10 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_xdp_store_bytes,
+    },
     macros::xdp,
     programs::XdpContext,
 };
@@ -30,6 +33,7 @@ use crate::{
     packet::{
         self, Flow, PacketRead, PacketWrite, ETH_HDR_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF,
     },
+    reject::{self, Answer, QUOTE_SHIFT},
 };
 
 const AF_INET: u8 = 2;
@@ -130,6 +134,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Option<u32> {
     match verdict {
         Verdict::Pass => Some(xdp_action::XDP_PASS),
         Verdict::Drop => Some(xdp_action::XDP_DROP),
+        Verdict::Reject => answer(ctx, &flow),
         Verdict::Nat(nat) => {
             rewrite(ctx, &flow, &nat)?;
             if nat.transmit {
@@ -142,6 +147,35 @@ fn try_lb_xdp(ctx: &XdpContext) -> Option<u32> {
             }
         }
     }
+}
+
+/// Turns the packet into the answer of [`reject`] and sends it back out of the uplink it came
+/// in on (`XDP_TX`), to the MAC it came from.
+#[inline(always)]
+fn answer(ctx: &XdpContext, flow: &Flow) -> Option<u32> {
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    match reject::build(ctx, flow)? {
+        Answer::Rst(frame) => {
+            // SAFETY: the context pointer the kernel passed in; the helper checks the delta.
+            if unsafe { bpf_xdp_adjust_tail(ctx.ctx, frame.len() as i32 - len) } != 0 {
+                return None;
+            }
+            ctx.write(0, frame)?;
+        }
+        Answer::Icmp { headers, quote_len } => {
+            // SAFETY: as above; a negative delta grows the packet at the front.
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(QUOTE_SHIFT as i32)) } != 0 {
+                return None;
+            }
+            let want = (headers.len() + quote_len) as i32;
+            // SAFETY: as above.
+            if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len - QUOTE_SHIFT as i32) } != 0 {
+                return None;
+            }
+            ctx.write(0, headers)?;
+        }
+    }
+    Some(xdp_action::XDP_TX)
 }
 
 /// ICMP errors about flows this node translated: translated back; errors about SNATed flows are

@@ -10,6 +10,7 @@ use lb_common::{
     service::{
         BACKEND_FLAG_LOCAL, BACKEND_FLAG_TERMINATING, SCOPE_EXTERNAL, SCOPE_INTERNAL,
         SVC_FLAG_CLUSTER_IP, SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        SVC_FLAG_SOURCE_RANGES,
     },
     CtKey, CtValue, ServiceKey, ServiceValue, TrafficCounters,
 };
@@ -127,7 +128,7 @@ pub fn frontend_flags(master: &ServiceValue) -> Vec<&'static str> {
         (SVC_FLAG_CLUSTER_IP, "ClusterIP"),
         (SVC_FLAG_EXTERNAL_FE, "external-frontend"),
         (SVC_FLAG_MASQUERADE, "masquerade"),
-        (SVC_FLAG_REJECT_EMPTY, "reject-empty"),
+        (SVC_FLAG_SOURCE_RANGES, "source-ranges"),
     ] {
         if master.flags & bit != 0 {
             flags.push(name);
@@ -135,6 +136,9 @@ pub fn frontend_flags(master: &ServiceValue) -> Vec<&'static str> {
     }
     if master.count == 0 {
         flags.push("no-backends");
+        if master.flags & SVC_FLAG_REJECT_EMPTY != 0 {
+            flags.push("reject");
+        }
     }
     flags
 }

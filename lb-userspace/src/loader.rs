@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{
     map_names, program_names, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue,
-    RevNatValue, ServiceKey, ServiceValue, TrafficCounters,
+    RejectBucket, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters,
 };
 
 /// The kernel object built by build.rs (lb-ebpf, binary `lb`).
@@ -58,6 +58,16 @@ pub enum Error {
         path: PathBuf,
         source: aya::maps::MapError,
     },
+    #[error("removing pin {path}: {source}")]
+    RemovePin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "reject rate limit {}/s with burst {} is out of range: both must be at most {}",
+        .0.per_sec, .0.burst, RejectLimit::MAX
+    )]
+    RejectLimit(RejectLimit),
     #[error("loading the eBPF object (maps pinned under {dir}): {source}")]
     Load {
         dir: PathBuf,
@@ -156,7 +166,7 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-pub const PINNED_MAPS: [(&str, usize, usize); 8] = [
+pub const PINNED_MAPS: [(&str, usize, usize); 10] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -193,6 +203,17 @@ pub const PINNED_MAPS: [(&str, usize, usize); 8] = [
         size_of::<AffinityKey>(),
         size_of::<AffinityValue>(),
     ),
+    (
+        map_names::SOURCE_RANGES,
+        // bpf_lpm_trie_key: a u32 prefix length, then the data.
+        size_of::<u32>() + size_of::<SourceRangeKey>(),
+        size_of::<u8>(),
+    ),
+    (
+        map_names::REJECT_BUCKET,
+        size_of::<u32>(),
+        size_of::<RejectBucket>(),
+    ),
 ];
 
 /// Refuses to reuse pins whose layout differs from this build's: the kernel would accept them and
@@ -226,6 +247,66 @@ pub fn check_pinned_layouts(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The drop counters pinned by an agent from before the array grew to
+/// [`drop_reason::COUNT`](lb_common::stats::drop_reason::COUNT) entries are unpinned, so that
+/// the loader creates the array anew (their counts start again from zero; the programs still
+/// running keep the old array until they are replaced).
+fn retire_small_drops_map(dir: &Path) -> Result<()> {
+    let path = dir.join(map_names::DROPS);
+    if !path.exists() {
+        return Ok(());
+    }
+    let data = MapData::from_pin(&path).map_err(|source| Error::OpenPin {
+        path: path.clone(),
+        source,
+    })?;
+    let info = data.info().map_err(|source| Error::OpenPin {
+        path: path.clone(),
+        source,
+    })?;
+    if info.max_entries() < lb_common::stats::drop_reason::COUNT {
+        tracing::info!(
+            path = %path.display(),
+            entries = info.max_entries(),
+            "the pinned drop counters have too few entries for this agent's reasons: recreating them"
+        );
+        std::fs::remove_file(&path).map_err(|source| Error::RemovePin {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Limits on the answers to new flows for ServicePorts without endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RejectLimit {
+    /// Answers each CPU may send per second (tokens added per second). 0: none are added, so a
+    /// CPU sends at most `burst` answers in all (for tests).
+    pub per_sec: u32,
+    /// Answers a CPU may send back to back.
+    pub burst: u32,
+}
+
+impl RejectLimit {
+    /// Largest rate or burst accepted: keeps the kernel's token arithmetic far from overflowing.
+    pub const MAX: u32 = 1_000_000;
+
+    /// `per_sec` answers per second per CPU, with a burst of as many.
+    pub fn per_second(per_sec: u32) -> Self {
+        Self {
+            per_sec,
+            burst: per_sec,
+        }
+    }
+}
+
+impl Default for RejectLimit {
+    fn default() -> Self {
+        Self::per_second(lb_common::reject::DEFAULT_REJECT_RATE)
+    }
+}
+
 /// Options for [`load`].
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -233,12 +314,19 @@ pub struct LoadOptions {
     pub bpffs: PathBuf,
     /// Conntrack capacity; only takes effect when the map is created (not when adopted).
     pub conntrack_size: u32,
+    /// Rate limit of rejects, fixed in the programs at load time.
+    pub reject_limit: RejectLimit,
 }
 
 /// Loads the object with every map pinned under `opts.bpffs` (reusing pins that exist, so a
 /// restarted agent keeps conntrack and service state) and loads the tc program into the kernel.
 pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     check_pinned_layouts(&opts.bpffs)?;
+    retire_small_drops_map(&opts.bpffs)?;
+    let limit = opts.reject_limit;
+    if limit.per_sec > RejectLimit::MAX || limit.burst > RejectLimit::MAX {
+        return Err(Error::RejectLimit(limit));
+    }
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|(n, _, _)| (*n, opts.bpffs.join(n)))
@@ -248,6 +336,8 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         loader.map_pin_path(name, path.as_path());
     }
     loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_size);
+    loader.override_global("REJECT_RATE", &limit.per_sec, true);
+    loader.override_global("REJECT_BURST", &limit.burst, true);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
         dir: opts.bpffs.clone(),
         source: Box::new(source),

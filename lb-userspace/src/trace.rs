@@ -13,8 +13,9 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use lb_common::{
-    conntrack::CT_DIR_FORWARD, ipv4_to_net, map_names, port_to_net, proto, AffinityKey,
-    AffinityValue, CtKey, CtValue, ServiceKey,
+    conntrack::CT_DIR_FORWARD, ipv4_to_net, map_names, port_to_net, proto,
+    service::SVC_FLAG_SOURCE_RANGES, AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey,
+    SourceRangeKey,
 };
 use serde::Serialize;
 
@@ -49,7 +50,7 @@ pub struct Trace {
     pub protocol: String,
     pub source: SocketAddrV4,
     pub destination: SocketAddrV4,
-    /// `pass`, `drop` or `dnat`.
+    /// `pass`, `drop`, `reject` or `dnat`.
     pub verdict: &'static str,
     /// The backend the packet was sent to, for `dnat`.
     pub backend: Option<SocketAddrV4>,
@@ -61,6 +62,8 @@ pub struct Trace {
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+/// The program sent the packet elsewhere: a reject (the answer goes back to the client), or a
+/// hairpin flow the program routes itself.
 const TC_ACT_REDIRECT: u32 = 7;
 
 fn packet(src: SocketAddrV4, dst: SocketAddrV4, protocol: u8) -> Result<Vec<u8>, Error> {
@@ -98,6 +101,7 @@ pub fn trace(
         map_names::BACKENDS,
         map_names::REV_NAT,
         map_names::CONNTRACK,
+        map_names::SOURCE_RANGES,
     ] {
         if !bpffs.join(name).exists() {
             return Err(Error::NotPinned(bpffs.join(name).display().to_string()));
@@ -133,6 +137,7 @@ pub fn trace(
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: bpffs.to_path_buf(),
         conntrack_size: lb_common::map_sizes::CONNTRACK,
+        reject_limit: loader::RejectLimit::default(),
     })?;
     let input = packet(src, dst, protocol)?;
     let mut output = vec![0u8; input.len() + 64];
@@ -177,10 +182,38 @@ pub fn trace(
         reason: String::new(),
     };
     let rewritten = out_dst.filter(|d| *d != dst);
+    let outside_ranges = match master {
+        Some(m) if m.flags & SVC_FLAG_SOURCE_RANGES != 0 => {
+            let key = aya::maps::lpm_trie::Key::new(
+                SourceRangeKey::ID_BITS + 32,
+                SourceRangeKey::new(m.rev_nat_id, ipv4_to_net(*src.ip())),
+            );
+            maps.source_ranges.get(&key, 0).is_err()
+        }
+        _ => false,
+    };
     match (result.return_value, rewritten) {
+        (TC_ACT_REDIRECT, _) if master.is_some_and(|m| m.count == 0) => {
+            t.verdict = "reject";
+            t.reason = format!(
+                "frontend {dst}/{} belongs to a Service without endpoints: new flows are refused \
+                 with {} (rate-limited per CPU)",
+                t.protocol,
+                if protocol == proto::TCP {
+                    "a TCP reset"
+                } else {
+                    "an ICMP port unreachable"
+                }
+            );
+        }
         (TC_ACT_SHOT, _) => {
             t.verdict = "drop";
             t.reason = match master {
+                _ if outside_ranges => format!(
+                    "source range: {} is outside the loadBalancerSourceRanges of frontend {dst}/{}",
+                    src.ip(),
+                    t.protocol
+                ),
                 Some(m) if m.count == 0 => format!(
                     "frontend {dst}/{} has no usable backend: new flows are dropped",
                     t.protocol

@@ -28,6 +28,10 @@
 //! backend. Steps 3 to 5 take milliseconds; flows established before step 3 are never affected.
 //! An agent killed in the middle leaves `LB_CONNTRACK_v1` behind, and the next start resumes from
 //! step 2 with it.
+//!
+//! Maps added within a version need nothing here: the loader creates every pin that is missing
+//! (`LB_SRC_RANGES`, `LB_REJECT_BKT`), and recreates a `LB_DROPS` smaller than this build's
+//! reason count (see `loader::load`).
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};

@@ -460,6 +460,7 @@ fn a_thousand_endpoint_set_rewrites_under_load_fail_or_misroute_nothing() {
         let mut ebpf = loader::load(&loader::LoadOptions {
             bpffs: bpffs.path().to_path_buf(),
             conntrack_size: 65_536,
+            reject_limit: Default::default(),
         })
         .expect("load");
         for iface in node.pod_ifaces() {

@@ -83,6 +83,7 @@ fn desired(specs: &[Spec]) -> Desired {
                         group,
                     }),
                     flags: 0,
+                    ..Default::default()
                 },
             )
         })

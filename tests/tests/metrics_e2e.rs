@@ -69,7 +69,8 @@ fn metrics_match_the_traffic_and_lbctl_and_count_drops_by_reason() {
     assert!(tcp_requests(&bed.client.ns, to, 5, TIMEOUT)
         .iter()
         .all(|r| r.is_ok()));
-    // Three datagrams to the Service without endpoints: dropped, each counted once.
+    // Three datagrams to the Service without endpoints: refused (ICMP port unreachable), each
+    // counted once.
     let sock = bed
         .client
         .ns
@@ -169,8 +170,13 @@ fn metrics_match_the_traffic_and_lbctl_and_count_drops_by_reason() {
     assert!(fe("lb_frontend_new_flows_total", "TCP", &[]) >= 5);
 
     assert_eq!(
-        prometheus_sample(text, "lb_drops_total", &[("reason", "no_backend")]),
+        prometheus_sample(text, "lb_drops_total", &[("reason", "rejected")]),
         Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        prometheus_sample(text, "lb_drops_total", &[("reason", "no_backend")]),
+        Some(0.0),
         "{text}"
     );
     let syncs = prometheus_sample(text, "lb_sync_duration_seconds_count", &[]).unwrap();

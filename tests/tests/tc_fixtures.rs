@@ -497,3 +497,242 @@ fn icmp_error_from_a_local_backend_reaches_the_client_with_the_cluster_ip() {
     assert_eq!(out, want, "byte-exact translated ICMP error");
     assert_checksums_valid(&out);
 }
+
+// ---- Services without endpoints: rejects -------------------------------------------------------
+
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// One frontend on the VIP with no backend and the given flags.
+fn empty_frontend(port: u16, proto: u8, flags: u16) -> lb_userspace::dataplane::Desired {
+    [(
+        FrontendAddr::internal(VIP, port, proto),
+        DesiredFrontend {
+            service_port: format!("test/empty:{port}"),
+            backends: Vec::new(),
+            flags,
+            source_ranges: Vec::new(),
+            ..Default::default()
+        },
+    )]
+    .into_iter()
+    .collect()
+}
+
+/// Keeps the calling thread on one CPU: the reject rate limit is per CPU, and BPF_PROG_TEST_RUN
+/// runs the program on the caller's CPU.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            .find(|&c| libc::CPU_ISSET(c, &set))
+            .expect("an allowed CPU");
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin the test thread to CPU {cpu}"
+        );
+    }
+}
+
+#[test]
+fn syn_to_a_service_without_endpoints_is_answered_with_a_reset_to_the_pod() {
+    use lb_common::{service::SVC_FLAG_REJECT_EMPTY, stats::drop_reason};
+    let mut f = Fixture(fixture::Fixture::new(
+        "fx-rej-rst",
+        &empty_frontend(80, lb_common::proto::TCP, SVC_FLAG_REJECT_EMPTY),
+    ));
+    let (verdict, out) = f.run(&tcp_syn((CLIENT, 40100), (VIP, 80)));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "sent back out of the pod's interface"
+    );
+    // RST+ACK from the ClusterIP, seq 0, ack = the SYN's seq (1000) + 1, no payload, back to
+    // the pod's MAC.
+    let ip = etherparse::Ipv4Header::new(
+        20,
+        64,
+        etherparse::IpNumber::TCP,
+        VIP.octets(),
+        CLIENT.octets(),
+    )
+    .unwrap();
+    let mut tcp = etherparse::TcpHeader::new(80, 40100, 0, 0);
+    tcp.rst = true;
+    tcp.ack = true;
+    tcp.acknowledgment_number = 1001;
+    let mut want = Vec::new();
+    etherparse::PacketBuilder::ethernet2(NODE_MAC, CLIENT_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .tcp_header(tcp)
+        .write(&mut want, &[])
+        .unwrap();
+    assert_eq!(out, want, "byte-exact RST");
+    assert_checksums_valid(&out);
+    assert_eq!(f.drops(drop_reason::REJECTED), 1);
+    assert_eq!(f.drops(drop_reason::NO_BACKEND), 0);
+    assert!(
+        f.conntrack_entries().is_empty(),
+        "a refused flow leaves no state"
+    );
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_gets_a_port_unreachable_quoting_it() {
+    use lb_common::{service::SVC_FLAG_REJECT_EMPTY, stats::drop_reason};
+    let mut f = Fixture(fixture::Fixture::new(
+        "fx-rej-icmp",
+        &empty_frontend(53, lb_common::proto::UDP, SVC_FLAG_REJECT_EMPTY),
+    ));
+    for (i, input) in [
+        udp(
+            (CLIENT, 40101),
+            (VIP, 53),
+            b"a datagram longer than the quote",
+        ),
+        // IP options are quoted too: the whole header as received.
+        with_ip_options(&udp((CLIENT, 40102), (VIP, 53), b"q")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (verdict, out) = f.run(&input);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "case {i}");
+        let want =
+            fixture::port_unreachable((NODE_MAC, CLIENT_MAC), VIP, CLIENT, &fixture::quote(&input));
+        assert_eq!(out, want, "case {i}: byte-exact ICMP port unreachable");
+        assert_checksums_valid(&out);
+    }
+    assert_eq!(f.drops(drop_reason::REJECTED), 2);
+    assert!(f.conntrack_entries().is_empty());
+}
+
+#[test]
+fn only_connection_attempts_are_answered_other_segments_are_dropped() {
+    use lb_common::{service::SVC_FLAG_REJECT_EMPTY, stats::drop_reason};
+    let mut f = Fixture(fixture::Fixture::new(
+        "fx-rej-ack",
+        &empty_frontend(80, lb_common::proto::TCP, SVC_FLAG_REJECT_EMPTY),
+    ));
+    let (verdict, _) = f.run(&tcp((CLIENT, 40103), (VIP, 80), false, true, b"data"));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(drop_reason::NO_BACKEND), 1);
+    assert_eq!(f.drops(drop_reason::REJECTED), 0);
+}
+
+#[test]
+fn empty_frontend_without_the_reject_flag_drops() {
+    // Endpoints exist elsewhere but none this traffic may use (internalTrafficPolicy=Local).
+    use lb_common::stats::drop_reason;
+    let mut f = Fixture(fixture::Fixture::new(
+        "fx-rej-noflag",
+        &empty_frontend(80, lb_common::proto::TCP, 0),
+    ));
+    let (verdict, _) = f.run(&tcp_syn((CLIENT, 40104), (VIP, 80)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(drop_reason::NO_BACKEND), 1);
+    assert_eq!(f.drops(drop_reason::REJECTED), 0);
+}
+
+#[test]
+fn rejects_past_the_per_cpu_limit_are_dropped_and_counted() {
+    use lb_common::{service::SVC_FLAG_REJECT_EMPTY, stats::drop_reason};
+    pin_to_one_cpu();
+    // No refill: this CPU may answer exactly `burst` times.
+    let burst = 3;
+    let mut f = Fixture(fixture::Fixture::with_reject_limit(
+        "fx-rej-limit",
+        &empty_frontend(80, lb_common::proto::TCP, SVC_FLAG_REJECT_EMPTY),
+        lb_userspace::loader::RejectLimit { per_sec: 0, burst },
+    ));
+    let verdicts: Vec<u32> = (0..burst + 2)
+        .map(|i| f.run(&tcp_syn((CLIENT, 40110 + i as u16), (VIP, 80))).0)
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![
+            TC_ACT_REDIRECT,
+            TC_ACT_REDIRECT,
+            TC_ACT_REDIRECT,
+            TC_ACT_SHOT,
+            TC_ACT_SHOT
+        ]
+    );
+    assert_eq!(f.drops(drop_reason::REJECTED), burst as u64);
+    assert_eq!(f.drops(drop_reason::REJECT_RATE_LIMITED), 2);
+}
+
+// ---- loadBalancerSourceRanges ------------------------------------------------------------------
+
+#[test]
+fn lb_frontend_takes_new_flows_only_from_its_source_ranges() {
+    use lb_common::{
+        service::{SVC_FLAG_EXTERNAL_FE, SVC_FLAG_SOURCE_RANGES},
+        stats::drop_reason,
+    };
+    let outsider = Ipv4Addr::new(198, 18, 9, 10);
+    let d: lb_userspace::dataplane::Desired = [(
+        FrontendAddr::internal(VIP, 443, lb_common::proto::TCP),
+        DesiredFrontend {
+            service_port: "test/lb:443".into(),
+            backends: vec![BackendAddr {
+                addr: backend(1),
+                port: 8080,
+                proto: lb_common::proto::TCP,
+                local: true,
+            }],
+            flags: SVC_FLAG_EXTERNAL_FE | SVC_FLAG_SOURCE_RANGES,
+            source_ranges: vec![
+                "198.18.1.0/24".parse().unwrap(),
+                "198.18.5.5/32".parse().unwrap(),
+            ],
+            ..Default::default()
+        },
+    )]
+    .into_iter()
+    .collect();
+    let mut f = Fixture(fixture::Fixture::new("fx-srcrange", &d));
+
+    let (verdict, out) = f.run(&tcp_syn((CLIENT, 40120), (VIP, 443)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        out,
+        tcp_syn((CLIENT, 40120), (backend(1), 8080)),
+        "inside: DNATed"
+    );
+    assert_eq!(f.conntrack_entries().len(), 2);
+
+    let (verdict, _) = f.run(&tcp_syn((outsider, 40121), (VIP, 443)));
+    assert_eq!(verdict, TC_ACT_SHOT, "outside: dropped");
+    assert_eq!(f.drops(drop_reason::SOURCE_RANGE), 1);
+    assert_eq!(
+        f.conntrack_entries().len(),
+        2,
+        "no state for the refused flow"
+    );
+
+    // A /32 entry matches exactly that address.
+    let (verdict, _) = f.run(&tcp_syn((Ipv4Addr::new(198, 18, 5, 5), 40122), (VIP, 443)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let (verdict, _) = f.run(&tcp_syn((Ipv4Addr::new(198, 18, 5, 6), 40123), (VIP, 443)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(drop_reason::SOURCE_RANGE), 2);
+
+    // Clearing the list opens the frontend to everyone.
+    let mut open = d.clone();
+    for fe in open.values_mut() {
+        fe.flags &= !SVC_FLAG_SOURCE_RANGES;
+        fe.source_ranges.clear();
+    }
+    f.apply(&open);
+    let (verdict, _) = f.run(&tcp_syn((outsider, 40124), (VIP, 443)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(f.drops(drop_reason::SOURCE_RANGE), 2);
+}

@@ -229,3 +229,65 @@ fn pins_of_a_newer_layout_are_refused_with_both_versions_and_the_fix() {
         "nothing was created beside the refused pins"
     );
 }
+
+#[test]
+fn pins_from_before_source_ranges_and_rejects_get_the_new_maps_and_bigger_drop_counters() {
+    lb_tests::require_root();
+    let bpffs = BpfFs::new("upg-newmaps").unwrap();
+    // The drop counters as an agent with 8 reasons pinned them.
+    #[repr(C)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        _rest: [u32; 11],
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let attr = CreateAttr {
+        map_type: BPF_MAP_TYPE_PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 8,
+        map_flags: 0,
+        _rest: [0; 11],
+    };
+    // SAFETY: as in `pin_v1_conntrack`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const CreateAttr,
+            size_of::<CreateAttr>() as u32,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    let old = MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).unwrap();
+    old.pin(bpffs.path().join(map_names::DROPS)).unwrap();
+
+    let _ebpf = lb_userspace::loader::load(&lb_userspace::loader::LoadOptions {
+        bpffs: bpffs.path().to_path_buf(),
+        conntrack_size: 1024,
+        reject_limit: lb_userspace::loader::RejectLimit::default(),
+    })
+    .expect("load over the older pins");
+    let drops = MapData::from_pin(bpffs.path().join(map_names::DROPS)).unwrap();
+    assert_eq!(
+        drops.info().unwrap().max_entries(),
+        lb_common::stats::drop_reason::COUNT,
+        "the small drop array was replaced"
+    );
+    for name in [map_names::SOURCE_RANGES, map_names::REJECT_BUCKET] {
+        assert!(
+            bpffs.path().join(name).exists(),
+            "{name} is created when missing"
+        );
+    }
+}

@@ -467,3 +467,112 @@ fn many_clients_sharing_a_source_port_get_distinct_snat_ports() {
     assert_eq!(ports.len(), 200, "every flow its own SNAT port");
     assert_eq!(f.conntrack_entries().len(), 400);
 }
+
+// ---- Services without endpoints, source ranges -------------------------------------------------
+
+#[test]
+fn nodeport_without_endpoints_answers_a_syn_with_a_reset_out_of_the_uplink() {
+    use lb_common::service::SVC_FLAG_REJECT_EMPTY;
+    let up = Uplink::new("xfx-rej-rst");
+    let mut f = Fixture::new(
+        "xfx-rej-rst",
+        &nodeport(
+            NODEPORT,
+            TCP,
+            vec![],
+            SVC_FLAG_MASQUERADE | SVC_FLAG_REJECT_EMPTY,
+        ),
+    );
+    let (verdict, out) = up.run(
+        &mut f,
+        &syn((CLIENT, 40200), (NODE, NODEPORT), (CLIENT_MAC, UPLINK_MAC)),
+    );
+    assert_eq!(verdict, XDP_TX, "straight back out of the uplink");
+    let ip = Ipv4Header::new(
+        20,
+        64,
+        etherparse::IpNumber::TCP,
+        NODE.octets(),
+        CLIENT.octets(),
+    )
+    .unwrap();
+    let mut tcp = etherparse::TcpHeader::new(NODEPORT, 40200, 0, 0);
+    tcp.rst = true;
+    tcp.ack = true;
+    tcp.acknowledgment_number = 1001;
+    let mut want = Vec::new();
+    PacketBuilder::ethernet2(UPLINK_MAC, CLIENT_MAC)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp_header(tcp)
+        .write(&mut want, &[])
+        .unwrap();
+    assert_eq!(
+        out, want,
+        "byte-exact RST from the NodePort to the client's MAC"
+    );
+    assert_checksums_valid(&out);
+    assert_eq!(f.drops(drop_reason::REJECTED), 1);
+    assert!(f.conntrack_entries().is_empty());
+}
+
+#[test]
+fn udp_nodeport_without_endpoints_answers_with_a_port_unreachable() {
+    use lb_common::service::SVC_FLAG_REJECT_EMPTY;
+    let up = Uplink::new("xfx-rej-icmp");
+    let mut f = Fixture::new(
+        "xfx-rej-icmp",
+        &nodeport(
+            NODEPORT,
+            UDP,
+            vec![],
+            SVC_FLAG_MASQUERADE | SVC_FLAG_REJECT_EMPTY,
+        ),
+    );
+    let input = udp_packet(
+        (CLIENT_MAC, UPLINK_MAC),
+        (CLIENT, 40201),
+        (NODE, NODEPORT),
+        b"some question",
+    );
+    let (verdict, out) = up.run(&mut f, &input);
+    assert_eq!(verdict, XDP_TX);
+    let want = port_unreachable((UPLINK_MAC, CLIENT_MAC), NODE, CLIENT, &quote(&input));
+    assert_eq!(out, want, "byte-exact ICMP port unreachable");
+    assert_checksums_valid(&out);
+    assert_eq!(f.drops(drop_reason::REJECTED), 1);
+}
+
+#[test]
+fn lb_ip_drops_new_flows_from_outside_its_source_ranges() {
+    use lb_common::service::SVC_FLAG_SOURCE_RANGES;
+    let up = Uplink::new("xfx-srcrange");
+    let d: Desired = [(
+        FrontendAddr::external(NODE, 443, TCP),
+        DesiredFrontend {
+            service_port: "test/lb:443".into(),
+            backends: vec![backend(LOCAL_BACKEND, TCP, true)],
+            flags: SVC_FLAG_EXTERNAL_FE | SVC_FLAG_SOURCE_RANGES,
+            source_ranges: vec!["198.18.100.0/28".parse().unwrap()],
+            ..Default::default()
+        },
+    )]
+    .into_iter()
+    .collect();
+    let mut f = Fixture::new("xfx-srcrange", &d);
+    let macs = (CLIENT_MAC, UPLINK_MAC);
+    // 198.18.100.10 is inside 198.18.100.0/28.
+    let (verdict, out) = up.run(&mut f, &syn((CLIENT, 40202), (NODE, 443), macs));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, syn((CLIENT, 40202), (LOCAL_BACKEND, 8080), macs));
+    // 198.18.100.20 is not.
+    let outsider = Ipv4Addr::new(198, 18, 100, 20);
+    let input = syn((outsider, 40203), (NODE, 443), macs);
+    let (verdict, _) = up.run(&mut f, &input);
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(f.drops(drop_reason::SOURCE_RANGE), 1);
+    assert_eq!(
+        f.conntrack_entries().len(),
+        2,
+        "only the allowed flow's entries"
+    );
+}

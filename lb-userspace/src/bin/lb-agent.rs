@@ -91,6 +91,15 @@ struct Args {
     /// LRU and the data path ignores expired entries either way).
     #[arg(long, default_value_t = 30, env = "LB_CONNTRACK_GC_INTERVAL")]
     conntrack_gc_interval: u64,
+    /// Most TCP resets / ICMP port unreachables each CPU sends per second (and back to back) for
+    /// new flows to Services without endpoints; past it such packets are dropped.
+    #[arg(
+        long,
+        default_value_t = lb_common::reject::DEFAULT_REJECT_RATE,
+        env = "LB_REJECT_RATE",
+        value_parser = clap::value_parser!(u32).range(0..=lb_userspace::loader::RejectLimit::MAX as i64)
+    )]
+    reject_rate: u32,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -211,6 +220,7 @@ fn run(args: Args) -> Result<()> {
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
+        reject_limit: loader::RejectLimit::per_second(args.reject_rate),
     })?;
     let copied = upgrade.before_attach(&args.bpffs)?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.

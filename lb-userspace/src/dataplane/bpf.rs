@@ -1,8 +1,14 @@
 //! The real dataplane: the pinned BPF maps.
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
-use lb_common::{map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, TrafficCounters};
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    HashMap, Map, MapData, PerCpuHashMap, PerCpuValues,
+};
+use ipnet::Ipv4Net;
+use lb_common::{
+    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters,
+};
 
 use super::{Dataplane, Error, Result, StatsOf};
 
@@ -14,6 +20,7 @@ pub struct BpfMaps {
     pub rev_nat: HashMap<MapData, u16, RevNatValue>,
     pub frontend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     /// Possible CPUs: a per-CPU value has one slot each.
     nr_cpus: usize,
 }
@@ -53,6 +60,11 @@ impl BpfMaps {
             rev_nat: open(dir, map_names::REV_NAT)?,
             frontend_stats: open_per_cpu(dir, map_names::FRONTEND_STATS)?,
             backend_stats: open_per_cpu(dir, map_names::BACKEND_STATS)?,
+            source_ranges: {
+                let name = map_names::SOURCE_RANGES;
+                let data = MapData::from_pin(dir.join(name)).map_err(map_err("open pin", name))?;
+                LpmTrie::try_from(Map::LpmTrie(data)).map_err(map_err("open", name))?
+            },
             nr_cpus: nr_cpus()?,
         })
     }
@@ -85,6 +97,14 @@ impl BpfMaps {
             rev_nat: take(ebpf, map_names::REV_NAT)?,
             frontend_stats: take_per_cpu(ebpf, map_names::FRONTEND_STATS)?,
             backend_stats: take_per_cpu(ebpf, map_names::BACKEND_STATS)?,
+            source_ranges: {
+                let name = map_names::SOURCE_RANGES;
+                let map = ebpf
+                    .take_map(name)
+                    .ok_or(aya::maps::MapError::InvalidName { name: name.into() })
+                    .map_err(map_err("take", name))?;
+                LpmTrie::try_from(map).map_err(map_err("open", name))?
+            },
             nr_cpus: nr_cpus()?,
         })
     }
@@ -170,4 +190,36 @@ impl Dataplane for BpfMaps {
     fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
         tolerate_missing(self.rev_nat.remove(&id)).map_err(map_err("delete", map_names::REV_NAT))
     }
+    fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>> {
+        let mut out = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(map_err("iterate", map_names::SOURCE_RANGES))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(SourceRangeKey::ID_BITS);
+            // Entries are only ever written by `put_source_range`, so the length is valid.
+            if let Ok(net) = Ipv4Net::new(lb_common::net_to_ipv4(data.addr), len as u8) {
+                out.push((data.rev_nat_id, net));
+            }
+        }
+        Ok(out)
+    }
+    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()> {
+        self.source_ranges
+            .insert(&range_key(rev_nat_id, range), 1, 0)
+            .map_err(map_err("insert", map_names::SOURCE_RANGES))
+    }
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()> {
+        tolerate_missing(self.source_ranges.remove(&range_key(rev_nat_id, range)))
+            .map_err(map_err("delete", map_names::SOURCE_RANGES))
+    }
+}
+
+/// The LPM key of one frontend's range: rev_nat_id and padding match in full, the address by
+/// the range's prefix.
+fn range_key(rev_nat_id: u16, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
+    let range = range.trunc();
+    LpmKey::new(
+        SourceRangeKey::ID_BITS + range.prefix_len() as u32,
+        SourceRangeKey::new(rev_nat_id, lb_common::ipv4_to_net(range.addr())),
+    )
 }

@@ -3,7 +3,10 @@
 //! master's rev-NAT entry exists. A writer that breaks make-before-break fails here.
 use std::collections::BTreeMap;
 
-use lb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use ipnet::Ipv4Net;
+use lb_common::{
+    service::SVC_FLAG_SOURCE_RANGES, BackendValue, RevNatValue, ServiceKey, ServiceValue,
+};
 
 use super::{Dataplane, Error, Result, StatsOf};
 
@@ -14,6 +17,8 @@ pub struct FakeMaps {
     pub rev_nat: BTreeMap<u16, RevNatValue>,
     /// Whose zeroed counters exist.
     pub stats: std::collections::BTreeSet<StatsOf>,
+    /// Source-range entries: (rev_nat_id, range).
+    pub source_ranges: std::collections::BTreeSet<(u16, Ipv4Net)>,
     /// Every operation, in order, for tests that look at the sequence.
     pub log: Vec<String>,
     /// Skip the per-operation consistency check (quadratic), for tests of sheer size.
@@ -30,6 +35,18 @@ impl FakeMaps {
             if !self.rev_nat.contains_key(&master.rev_nat_id) {
                 return Err(Error::Fake(format!(
                     "{key:?}: rev_nat {} missing",
+                    master.rev_nat_id
+                )));
+            }
+            // A frontend flagged for source ranges with no entry would refuse everyone.
+            if master.flags & SVC_FLAG_SOURCE_RANGES != 0
+                && !self
+                    .source_ranges
+                    .iter()
+                    .any(|(id, _)| *id == master.rev_nat_id)
+            {
+                return Err(Error::Fake(format!(
+                    "{key:?}: flagged for source ranges, but rev_nat {} has none",
                     master.rev_nat_id
                 )));
             }
@@ -103,5 +120,16 @@ impl Dataplane for FakeMaps {
     fn delete_stats(&mut self, of: StatsOf) -> Result<()> {
         self.stats.remove(&of);
         self.check_consistent()
+    }
+    fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()> {
+        self.source_ranges.insert((rev_nat_id, range));
+        self.after(format!("put source range {rev_nat_id} {range}"))
+    }
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()> {
+        self.source_ranges.remove(&(rev_nat_id, range));
+        self.after(format!("delete source range {rev_nat_id} {range}"))
     }
 }

@@ -14,10 +14,12 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
+use ipnet::{IpNet, Ipv4Net};
 use lb_common::{
     service::{
         BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
         SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        SVC_FLAG_SOURCE_RANGES,
     },
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
@@ -130,6 +132,9 @@ pub struct DesiredFrontend {
     /// does not return new connections to them.
     pub terminating: BTreeSet<BackendAddr>,
     pub affinity: Option<AffinityWant>,
+    /// The only sources new flows may come from (loadBalancerSourceRanges of a LoadBalancer
+    /// frontend); empty means any. Non-empty goes with [`SVC_FLAG_SOURCE_RANGES`].
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 /// ClientIP session affinity of a frontend.
@@ -226,6 +231,7 @@ pub fn desired(model: &Model) -> Desired {
                     },
                 terminating: terminating.clone(),
                 affinity,
+                source_ranges: Vec::new(),
             }
         };
         for fe in &sp.frontends {
@@ -234,6 +240,24 @@ pub fn desired(model: &Model) -> Desired {
                 SVC_FLAG_CLUSTER_IP
             } else {
                 SVC_FLAG_EXTERNAL_FE
+            };
+            // loadBalancerSourceRanges guard the LoadBalancer ingress IPs, from pods and from
+            // outside alike, as kube-proxy's firewall chains do.
+            let source_ranges: Vec<Ipv4Net> = if fe.kind == FrontendKind::LoadBalancer {
+                sp.lb_source_ranges
+                    .iter()
+                    .filter_map(|r| match r {
+                        IpNet::V4(v4) => Some(*v4),
+                        IpNet::V6(_) => None,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let range_flag = if source_ranges.is_empty() {
+                0
+            } else {
+                SVC_FLAG_SOURCE_RANGES
             };
             let internal = sp.traffic(fe, Origin::Pod);
             let empty_flag = |t: &crate::model::Traffic| {
@@ -245,10 +269,13 @@ pub fn desired(model: &Model) -> Desired {
             };
             out.insert(
                 FrontendAddr::internal(addr, fe.port, proto),
-                entry(
-                    backends_of(internal.backends),
-                    kind_flag | empty_flag(&internal),
-                ),
+                DesiredFrontend {
+                    source_ranges: source_ranges.clone(),
+                    ..entry(
+                        backends_of(internal.backends),
+                        kind_flag | empty_flag(&internal) | range_flag,
+                    )
+                },
             );
             if fe.kind.is_external() {
                 let external = sp.traffic(fe, Origin::External);
@@ -259,10 +286,13 @@ pub fn desired(model: &Model) -> Desired {
                 };
                 out.insert(
                     FrontendAddr::external(addr, fe.port, proto),
-                    entry(
-                        backends_of(external.backends),
-                        kind_flag | masquerade | empty_flag(&external),
-                    ),
+                    DesiredFrontend {
+                        source_ranges,
+                        ..entry(
+                            backends_of(external.backends),
+                            kind_flag | masquerade | empty_flag(&external) | range_flag,
+                        )
+                    },
                 );
             }
         }
@@ -300,6 +330,10 @@ pub trait Dataplane {
     /// Creates zeroed counters for a frontend (keyed by its rev_nat_id) or a backend.
     fn reset_stats(&mut self, of: StatsOf) -> Result<()>;
     fn delete_stats(&mut self, of: StatsOf) -> Result<()>;
+    /// Every source-range entry: (frontend rev_nat_id, range).
+    fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>>;
+    fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()>;
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()>;
 }
 
 /// Whose counters.

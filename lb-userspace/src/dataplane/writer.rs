@@ -8,11 +8,17 @@
 //!    went away (master first, so lookups stop before the slots vanish), their rev-NAT entries,
 //!    and finally backends no frontend references.
 //!
+//! Source ranges (loadBalancerSourceRanges) follow the same rule: a frontend's new ranges are
+//! written before its master (which carries `SVC_FLAG_SOURCE_RANGES`), ranges it no longer has
+//! are deleted after it, so a flagged master never lacks its entries. Entries of a rev_nat_id no
+//! master uses (an interrupted apply) are deleted first thing, before the id can be reused.
+//!
 //! A packet racing the update therefore always finds either the old or the new backend set, and
 //! every backend id a slot names still exists. Cilium deletes orphaned backends first and drops
 //! new flows in that window; we delete them last.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use ipnet::Ipv4Net;
 use lb_common::{service::BACKEND_FLAG_TERMINATING, ServiceKey, ServiceValue};
 
 use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
@@ -26,6 +32,8 @@ struct Programmed {
     slots: Vec<u32>,
     /// Session affinity: (timeout in seconds, group), zeroes when off.
     affinity: (u32, u16),
+    /// Source-range entries under `rev_nat_id`.
+    source_ranges: BTreeSet<Ipv4Net>,
 }
 
 /// Counts of map operations, for logs and tests.
@@ -51,6 +59,8 @@ pub struct Writer {
     stray_slots: Vec<ServiceKey>,
     /// rev-NAT ids allocated (and written) for frontends whose master is not written yet.
     new_rev_nat: BTreeMap<FrontendAddr, u16>,
+    /// Source-range entries found at adoption whose rev_nat_id no master uses.
+    stray_ranges: Vec<(u16, Ipv4Net)>,
     /// Next id to try; ids are handed out round-robin so a freed id is not reused at once.
     next_backend_id: u32,
     next_rev_nat_id: u16,
@@ -96,8 +106,28 @@ impl Writer {
                     flags: master.flags,
                     slots,
                     affinity: (master.affinity_timeout, master.affinity_group),
+                    source_ranges: BTreeSet::new(),
                 },
             );
+        }
+        let mut stray_ranges = Vec::new();
+        {
+            let by_rev_nat: HashMap<u16, FrontendAddr> = frontends
+                .iter()
+                .map(|(fe, p): (&FrontendAddr, &Programmed)| (p.rev_nat_id, *fe))
+                .collect();
+            for (id, range) in dp.source_ranges()? {
+                match by_rev_nat.get(&id) {
+                    Some(fe) => {
+                        frontends
+                            .get_mut(fe)
+                            .expect("listed above")
+                            .source_ranges
+                            .insert(range);
+                    }
+                    None => stray_ranges.push((id, range)),
+                }
+            }
         }
         let used_backend_ids = backend_ids.values().copied().collect();
         let used_rev_nat_ids = frontends
@@ -112,6 +142,7 @@ impl Writer {
             used_rev_nat_ids,
             stray_slots: Vec::new(),
             new_rev_nat: BTreeMap::new(),
+            stray_ranges,
             next_backend_id: max_backend % MAX_BACKEND_ID + 1,
             next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
         };
@@ -156,6 +187,12 @@ impl Writer {
 
     fn apply_once(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+
+        // 0. Source ranges no master names: harmless now, wrong once their id is reused.
+        for (id, range) in std::mem::take(&mut self.stray_ranges) {
+            dp.delete_source_range(id, range)?;
+            stats.map_deletes += 1;
+        }
 
         // 1. New backends, and backends whose terminating state changed (rewritten in place: the
         // id, and so the flows on it, stay).
@@ -234,9 +271,13 @@ impl Writer {
             // A group frontend that does not exist would key every client of the ServicePort
             // to id 0: no affinity then, rather than a shared wrong one.
             let affinity = if affinity.1 == 0 { (0, 0) } else { affinity };
+            let ranges: BTreeSet<Ipv4Net> = want.source_ranges.iter().map(|r| r.trunc()).collect();
             let old = self.frontends.get(fe).cloned();
             if old.as_ref().is_some_and(|o| {
-                o.slots == slots && o.flags == want.flags && o.affinity == affinity
+                o.slots == slots
+                    && o.flags == want.flags
+                    && o.affinity == affinity
+                    && o.source_ranges == ranges
             }) {
                 continue;
             }
@@ -244,6 +285,14 @@ impl Writer {
                 Some(o) => o.rev_nat_id,
                 None => self.new_rev_nat[fe],
             };
+            let old_ranges = old
+                .as_ref()
+                .map(|o| o.source_ranges.clone())
+                .unwrap_or_default();
+            for range in ranges.difference(&old_ranges) {
+                dp.put_source_range(rev_nat_id, *range)?;
+                stats.map_writes += 1;
+            }
             let old_slots = old.as_ref().map(|o| o.slots.as_slice()).unwrap_or(&[]);
             for (i, &id) in slots.iter().enumerate() {
                 if old_slots.get(i) != Some(&id) {
@@ -270,6 +319,10 @@ impl Writer {
                 dp.delete_service(fe.key(slot as u16 + 1))?;
                 stats.map_deletes += 1;
             }
+            for range in old_ranges.difference(&ranges) {
+                dp.delete_source_range(rev_nat_id, *range)?;
+                stats.map_deletes += 1;
+            }
             stats.frontends_changed += 1;
             self.frontends.insert(
                 *fe,
@@ -278,6 +331,7 @@ impl Writer {
                     flags: want.flags,
                     slots,
                     affinity,
+                    source_ranges: ranges,
                 },
             );
             self.new_rev_nat.remove(fe);
@@ -295,6 +349,10 @@ impl Writer {
             dp.delete_service(fe.key(0))?;
             for slot in 1..=p.slots.len() {
                 dp.delete_service(fe.key(slot as u16))?;
+            }
+            for range in &p.source_ranges {
+                dp.delete_source_range(p.rev_nat_id, *range)?;
+                stats.map_deletes += 1;
             }
             dp.delete_rev_nat(p.rev_nat_id)?;
             dp.delete_stats(StatsOf::Frontend(p.rev_nat_id))?;

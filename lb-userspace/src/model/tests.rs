@@ -687,6 +687,45 @@ fn lb_source_ranges_are_trimmed_split_by_family_and_allow_the_node() {
 }
 
 #[test]
+fn lb_source_ranges_guard_only_the_lb_ip_frontends_in_both_scopes() {
+    use lb_common::service::SVC_FLAG_SOURCE_RANGES;
+    let yaml = svc(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [203.0.113.0/24]\nstatus: {loadBalancer: {ingress: [{ip: 198.19.5.1}]}}",
+        &[REMOTE_READY],
+    );
+    let (m, _) = model_of(&yaml, &cfg());
+    let desired = crate::dataplane::desired(&m);
+    let mut guarded = 0;
+    for (fe, d) in &desired {
+        if fe.addr == std::net::Ipv4Addr::new(198, 19, 5, 1) {
+            guarded += 1;
+            assert_ne!(d.flags & SVC_FLAG_SOURCE_RANGES, 0, "{fe:?}");
+            let r: Vec<String> = d.source_ranges.iter().map(|r| r.to_string()).collect();
+            assert_eq!(r, ["198.18.0.2/32", "203.0.113.0/24"], "{fe:?}");
+        } else {
+            assert_eq!(d.flags & SVC_FLAG_SOURCE_RANGES, 0, "{fe:?}");
+            assert!(d.source_ranges.is_empty(), "{fe:?}");
+        }
+    }
+    assert_eq!(guarded, 2, "the LB IP's pod-side and external entries");
+}
+
+#[test]
+fn lb_source_ranges_of_the_other_family_only_leave_the_frontend_open() {
+    // kube-proxy applies each family's ranges to that family's frontends; an IPv4 LB IP with
+    // only IPv6 ranges has none and is open.
+    let yaml = svc(
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: ['fd00:1::/64']\nstatus: {loadBalancer: {ingress: [{ip: 198.19.5.1}]}}",
+        &[REMOTE_READY],
+    );
+    let (m, _) = model_of(&yaml, &cfg());
+    assert!(v4(&m).lb_source_ranges.is_empty());
+    assert!(crate::dataplane::desired(&m)
+        .values()
+        .all(|d| d.source_ranges.is_empty()));
+}
+
+#[test]
 fn lb_source_ranges_do_nothing_without_lb_ingress() {
     let (m, _) = model_of(
         &svc(

@@ -267,6 +267,15 @@ impl crate::dataplane::Dataplane for FailingMaps {
     fn delete_stats(&mut self, of: crate::dataplane::StatsOf) -> Result<()> {
         self.inner.delete_stats(of)
     }
+    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::Ipv4Net)>> {
+        self.inner.source_ranges()
+    }
+    fn put_source_range(&mut self, rev_nat_id: u16, range: ipnet::Ipv4Net) -> Result<()> {
+        self.inner.put_source_range(rev_nat_id, range)
+    }
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::Ipv4Net) -> Result<()> {
+        self.inner.delete_source_range(rev_nat_id, range)
+    }
 }
 
 #[test]
@@ -412,4 +421,97 @@ fn affinity_group_is_the_rev_nat_id_of_the_group_frontend_for_every_frontend() {
     .unwrap();
     let m2 = maps.services[&fe(20, 30080).key(0)];
     assert_eq!((m2.affinity_timeout, m2.affinity_group), (0, 0));
+}
+
+fn with_ranges(f: FrontendAddr, backends: &[u8], ranges: &[&str]) -> Desired {
+    let mut d = desired(&[(f, backends)]);
+    let fe = d.get_mut(&f).unwrap();
+    fe.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+    if !ranges.is_empty() {
+        fe.flags |= lb_common::service::SVC_FLAG_SOURCE_RANGES;
+    }
+    d
+}
+
+#[test]
+fn source_ranges_are_written_before_the_flag_and_deleted_after_it() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(
+        &mut maps,
+        &with_ranges(fe(10, 443), &[1], &["203.0.113.0/24"]),
+    )
+    .unwrap();
+    let master = maps
+        .log
+        .iter()
+        .position(|l| l == "put service slot 0")
+        .unwrap();
+    let range = maps
+        .log
+        .iter()
+        .position(|l| l.starts_with("put source range"))
+        .unwrap();
+    assert!(range < master, "{:?}", maps.log);
+
+    // Another list: the new entry first, the master untouched, the old entry last.
+    maps.log.clear();
+    w.apply(
+        &mut maps,
+        &with_ranges(fe(10, 443), &[1], &["198.51.100.0/24"]),
+    )
+    .unwrap();
+    let id = maps.services[&fe(10, 443).key(0)].rev_nat_id;
+    assert_eq!(
+        maps.log,
+        [
+            format!("put source range {id} 198.51.100.0/24"),
+            "put service slot 0".to_string(),
+            format!("delete source range {id} 203.0.113.0/24"),
+        ]
+    );
+
+    // No list: flag cleared on the master before the entry goes.
+    maps.log.clear();
+    w.apply(&mut maps, &with_ranges(fe(10, 443), &[1], &[]))
+        .unwrap();
+    assert_eq!(
+        maps.log,
+        [
+            "put service slot 0".to_string(),
+            format!("delete source range {id} 198.51.100.0/24"),
+        ]
+    );
+    assert!(maps.source_ranges.is_empty());
+}
+
+#[test]
+fn removed_frontend_takes_its_source_ranges_along() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(
+        &mut maps,
+        &with_ranges(fe(10, 443), &[1], &["203.0.113.0/24", "198.51.100.7/32"]),
+    )
+    .unwrap();
+    assert_eq!(maps.source_ranges.len(), 2);
+    w.apply(&mut maps, &desired(&[])).unwrap();
+    assert!(maps.source_ranges.is_empty());
+    assert!(maps.services.is_empty());
+}
+
+#[test]
+fn adoption_keeps_source_ranges_and_deletes_those_of_no_frontend() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    let d = with_ranges(fe(10, 443), &[1], &["203.0.113.0/24"]);
+    w.apply(&mut maps, &d).unwrap();
+    // Left over by an interrupted apply: an id no master uses.
+    maps.source_ranges
+        .insert((999, "192.0.2.0/24".parse().unwrap()));
+    let mut w = Writer::adopt(&maps).unwrap();
+    maps.log.clear();
+    w.apply(&mut maps, &d).unwrap();
+    assert_eq!(maps.log, ["delete source range 999 192.0.2.0/24"]);
+    assert_eq!(maps.source_ranges.len(), 1);
 }
