@@ -69,6 +69,10 @@ pub const SVC_FLAG_MASQUERADE: u16 = 1 << 2;
 /// The ServicePort has no usable endpoint anywhere: new flows are refused rather than dropped
 /// (a count of zero without this flag means "endpoints exist, none this traffic may use").
 pub const SVC_FLAG_REJECT_EMPTY: u16 = 1 << 3;
+/// New flows pick their backend from the frontend's Maglev table (keyed by its rev_nat_id in
+/// `LB_MAGLEV`) instead of a random slot. The slots are written as well, for inspection and as
+/// the fallback while a table is being rebuilt.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 4;
 
 /// Value of the backends map, keyed by a `u32` backend id (ids start at 1; 0 means none).
 #[repr(C)]

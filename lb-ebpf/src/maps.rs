@@ -5,6 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
     TrafficCounters, BPF_F_NO_PREALLOC,
 };
@@ -31,6 +32,11 @@ pub static BACKEND_STATS: PerCpuHashMap<u32, TrafficCounters> =
 
 #[map(name = "LB_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(lb_common::stats::drop_reason::COUNT, 0);
+
+/// Maglev lookup tables in chunks of 64 slots; entries exist only for frontends that use Maglev.
+#[map(name = "LB_MAGLEV")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::pinned(map_sizes::MAGLEV_CHUNKS, BPF_F_NO_PREALLOC);
 
 /// Counts one dropped packet under `reason` ([`lb_common::stats::drop_reason`]).
 #[inline(always)]

@@ -210,6 +210,11 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
         if master.flags & lb_common::service::SVC_FLAG_CLUSTER_IP != 0 {
             flags.push("ClusterIP");
         }
+        if key.scope == lb_common::service::SCOPE_EXTERNAL {
+            // The entry for traffic from outside the node (its backend set and scheduler may
+            // differ from the pod-side entry of the same address).
+            flags.push("external");
+        }
         if master.count == 0 {
             flags.push("no-backends");
         }
@@ -217,7 +222,11 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             address: SocketAddrV4::new(fe.addr, fe.port),
             protocol: protocol_name(fe.proto),
             rev_nat_id: master.rev_nat_id,
-            scheduler: "random",
+            scheduler: if master.flags & lb_common::service::SVC_FLAG_MAGLEV != 0 {
+                "maglev"
+            } else {
+                "random"
+            },
             flags,
             counters: fe_stats
                 .get(&(master.rev_nat_id as u32))

@@ -13,6 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     map_names, program_names, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
     TrafficCounters,
 };
@@ -156,7 +157,7 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-pub const PINNED_MAPS: [(&str, usize, usize); 7] = [
+pub const PINNED_MAPS: [(&str, usize, usize); 8] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -188,6 +189,11 @@ pub const PINNED_MAPS: [(&str, usize, usize); 7] = [
         size_of::<TrafficCounters>(),
     ),
     (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
+    (
+        map_names::MAGLEV,
+        size_of::<MaglevKey>(),
+        size_of::<MaglevChunk>(),
+    ),
 ];
 
 /// Refuses to reuse pins whose layout differs from this build's: the kernel would accept them and
@@ -228,6 +234,9 @@ pub struct LoadOptions {
     pub bpffs: PathBuf,
     /// Conntrack capacity; only takes effect when the map is created (not when adopted).
     pub conntrack_size: u32,
+    /// Maglev table size `M` (validated prime by the caller): given to the programs, and sizes
+    /// the chunk map when it is created.
+    pub maglev_table_size: u32,
 }
 
 /// Loads the object with every map pinned under `opts.bpffs` (reusing pins that exist, so a
@@ -238,7 +247,13 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .iter()
         .map(|(n, _, _)| (*n, opts.bpffs.join(n)))
         .collect();
+    let maglev_size = opts.maglev_table_size;
     let mut loader = EbpfLoader::new();
+    loader.override_global(lb_common::MAGLEV_TABLE_SIZE_GLOBAL, &maglev_size, true);
+    loader.map_max_entries(
+        map_names::MAGLEV,
+        lb_common::map_sizes::MAGLEV_TABLES * lb_common::maglev::chunks(maglev_size),
+    );
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

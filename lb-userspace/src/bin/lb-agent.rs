@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    dataplane::{self, bpf::BpfMaps, Writer},
+    dataplane::{self, bpf::BpfMaps, maglev::TableSize, Writer},
     health::{self, Health},
     loader,
     metrics::Metrics,
@@ -87,6 +87,10 @@ struct Args {
     /// Conntrack table capacity (entries; two per flow). Applies when the map is first created.
     #[arg(long, default_value_t = lb_common::map_sizes::CONNTRACK, env = "LB_CONNTRACK_SIZE")]
     conntrack_size: u32,
+    /// Slots per Maglev lookup table (a prime in 31..=65521). Each Maglev frontend costs about
+    /// 4 bytes per slot; backends of one frontend get within about N/M of an even share.
+    #[arg(long, value_name = "M", default_value_t = TableSize::default(), env = "LB_MAGLEV_TABLE_SIZE")]
+    maglev_table_size: TableSize,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -195,6 +199,7 @@ fn run(args: Args) -> Result<()> {
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
+        maglev_table_size: args.maglev_table_size.get(),
     })?;
     let copied = upgrade.before_attach(&args.bpffs)?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.
@@ -220,7 +225,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
-    let mut writer = Writer::adopt(&maps)?;
+    let mut writer = Writer::adopt_with_table_size(&maps, args.maglev_table_size)?;
     info!(
         frontends = writer.frontend_count(),
         backends = writer.backend_count(),

@@ -2,7 +2,9 @@
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
-use lb_common::{map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, TrafficCounters};
+use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
+    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, TrafficCounters};
 
 use super::{Dataplane, Error, Result, StatsOf};
 
@@ -14,6 +16,7 @@ pub struct BpfMaps {
     pub rev_nat: HashMap<MapData, u16, RevNatValue>,
     pub frontend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
+    pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     /// Possible CPUs: a per-CPU value has one slot each.
     nr_cpus: usize,
 }
@@ -53,6 +56,7 @@ impl BpfMaps {
             rev_nat: open(dir, map_names::REV_NAT)?,
             frontend_stats: open_per_cpu(dir, map_names::FRONTEND_STATS)?,
             backend_stats: open_per_cpu(dir, map_names::BACKEND_STATS)?,
+            maglev: open(dir, map_names::MAGLEV)?,
             nr_cpus: nr_cpus()?,
         })
     }
@@ -85,6 +89,7 @@ impl BpfMaps {
             rev_nat: take(ebpf, map_names::REV_NAT)?,
             frontend_stats: take_per_cpu(ebpf, map_names::FRONTEND_STATS)?,
             backend_stats: take_per_cpu(ebpf, map_names::BACKEND_STATS)?,
+            maglev: take(ebpf, map_names::MAGLEV)?,
             nr_cpus: nr_cpus()?,
         })
     }
@@ -169,5 +174,16 @@ impl Dataplane for BpfMaps {
     }
     fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
         tolerate_missing(self.rev_nat.remove(&id)).map_err(map_err("delete", map_names::REV_NAT))
+    }
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>> {
+        collect(&self.maglev, map_names::MAGLEV)
+    }
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()> {
+        self.maglev
+            .insert(key, value, 0)
+            .map_err(map_err("insert", map_names::MAGLEV))
+    }
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()> {
+        tolerate_missing(self.maglev.remove(&key)).map_err(map_err("delete", map_names::MAGLEV))
     }
 }

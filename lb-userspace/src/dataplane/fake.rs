@@ -1,9 +1,13 @@
 //! An in-memory dataplane for tests. After every operation it checks what a packet could observe
 //! at that instant: every master's slots `1..=count` exist and name existing backends, and every
-//! master's rev-NAT entry exists. A writer that breaks make-before-break fails here.
+//! master's rev-NAT entry exists, and every master flagged Maglev has a complete table whose
+//! entries name existing backends. A writer that breaks make-before-break fails here.
 use std::collections::BTreeMap;
 
-use lb_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use lb_common::{
+    maglev::{chunks, MaglevChunk, MaglevKey, CHUNK_SLOTS},
+    service::SVC_FLAG_MAGLEV,
+    BackendValue, RevNatValue, ServiceKey, ServiceValue};
 
 use super::{Dataplane, Error, Result, StatsOf};
 
@@ -12,6 +16,7 @@ pub struct FakeMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u16, RevNatValue>,
+    pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
     /// Whose zeroed counters exist.
     pub stats: std::collections::BTreeSet<StatsOf>,
     /// Every operation, in order, for tests that look at the sequence.
@@ -48,6 +53,38 @@ impl FakeMaps {
                     return Err(Error::Fake(format!(
                         "{key:?}: slot {slot} names missing backend {}",
                         v.backend_id
+                    )));
+                }
+            }
+            if master.flags & SVC_FLAG_MAGLEV != 0 && master.count > 0 {
+                self.check_maglev(key, master.rev_nat_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A Maglev frontend's table: every chunk present, built for one size, every slot naming
+    /// an existing backend.
+    fn check_maglev(&self, key: &ServiceKey, table: u16) -> Result<()> {
+        let Some(first) = self.maglev.get(&MaglevKey { table, chunk: 0 }) else {
+            return Err(Error::Fake(format!("{key:?}: Maglev table {table} missing")));
+        };
+        let m = first.table_size as usize;
+        for c in 0..chunks(first.table_size) as u16 {
+            let Some(chunk) = self.maglev.get(&MaglevKey { table, chunk: c }) else {
+                return Err(Error::Fake(format!("{key:?}: Maglev chunk {table}/{c} missing")));
+            };
+            if chunk.table_size as usize != m {
+                return Err(Error::Fake(format!(
+                    "{key:?}: Maglev chunk {table}/{c} has size {}, chunk 0 {m}",
+                    chunk.table_size
+                )));
+            }
+            let used = (m - c as usize * CHUNK_SLOTS).min(CHUNK_SLOTS);
+            for &id in &chunk.backend_ids[..used] {
+                if !self.backends.contains_key(&id) {
+                    return Err(Error::Fake(format!(
+                        "{key:?}: Maglev chunk {table}/{c} names missing backend {id}"
                     )));
                 }
             }
@@ -103,5 +140,16 @@ impl Dataplane for FakeMaps {
     fn delete_stats(&mut self, of: StatsOf) -> Result<()> {
         self.stats.remove(&of);
         self.check_consistent()
+    }
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>> {
+        Ok(self.maglev.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()> {
+        self.maglev.insert(key, value);
+        self.after(format!("put maglev {}/{}", key.table, key.chunk))
+    }
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()> {
+        self.maglev.remove(&key);
+        self.after(format!("delete maglev {}/{}", key.table, key.chunk))
     }
 }

@@ -7,6 +7,7 @@
 //! in memory and checks the ordering invariants after every single operation.
 pub mod bpf;
 pub mod fake;
+pub mod maglev;
 mod writer;
 
 use std::{
@@ -15,14 +16,15 @@ use std::{
 };
 
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     service::{
         BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
     },
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
 
-use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, WhenEmpty};
+use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, Scheduler, WhenEmpty};
 pub use writer::{ApplyStats, Writer};
 
 /// A frontend as the maps see it: address, port, protocol and the traffic it serves
@@ -133,7 +135,8 @@ pub type Desired = BTreeMap<FrontendAddr, DesiredFrontend>;
 /// set as kube-proxy does); NodePort, LoadBalancer and externalIP frontends also get an external
 /// entry with the backends traffic from outside may use ([`Origin::External`]: local ones only
 /// under eTP=Local) and the masquerade flag. IPv6 and SCTP wait for their own data path (the
-/// model already warned about SCTP).
+/// model already warned about SCTP). [`SVC_FLAG_MAGLEV`] follows the Service's scheduler for
+/// each scope (by default Maglev for the external entry, random for the internal one).
 pub fn desired(model: &Model) -> Desired {
     let mut out = Desired::new();
     for sp in model.service_ports.values() {
@@ -167,6 +170,13 @@ pub fn desired(model: &Model) -> Desired {
             } else {
                 SVC_FLAG_EXTERNAL_FE
             };
+            let maglev_flag = |origin| {
+                if sp.scheduler_for(origin) == Scheduler::Maglev {
+                    SVC_FLAG_MAGLEV
+                } else {
+                    0
+                }
+            };
             let internal = sp.traffic(fe, Origin::Pod);
             let empty_flag = |t: &crate::model::Traffic| {
                 if t.when_empty == WhenEmpty::Reject {
@@ -180,7 +190,7 @@ pub fn desired(model: &Model) -> Desired {
                 DesiredFrontend {
                     service_port: sp.id.to_string(),
                     backends: backends_of(internal.backends),
-                    flags: kind_flag | empty_flag(&internal),
+                    flags: kind_flag | empty_flag(&internal) | maglev_flag(Origin::Pod),
                 },
             );
             if fe.kind.is_external() {
@@ -195,7 +205,10 @@ pub fn desired(model: &Model) -> Desired {
                     DesiredFrontend {
                         service_port: sp.id.to_string(),
                         backends: backends_of(external.backends),
-                        flags: kind_flag | masquerade | empty_flag(&external),
+                        flags: kind_flag
+                            | masquerade
+                            | empty_flag(&external)
+                            | maglev_flag(Origin::External),
                     },
                 );
             }
@@ -234,6 +247,10 @@ pub trait Dataplane {
     /// Creates zeroed counters for a frontend (keyed by its rev_nat_id) or a backend.
     fn reset_stats(&mut self, of: StatsOf) -> Result<()>;
     fn delete_stats(&mut self, of: StatsOf) -> Result<()>;
+    /// Every chunk of every Maglev table.
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>>;
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()>;
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()>;
 }
 
 /// Whose counters.

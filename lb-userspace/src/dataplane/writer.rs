@@ -2,20 +2,35 @@
 //!
 //! Order of one apply:
 //! 1. insert backends that are new;
-//! 2. for every new or changed frontend: its rev-NAT entry, then its slots `1..=n`, then its
-//!    master entry with count `n` (so the master never names a slot that is not written yet);
-//! 3. only then delete what is no longer needed: slots past the new count, whole frontends that
-//!    went away (master first, so lookups stop before the slots vanish), their rev-NAT entries,
-//!    and finally backends no frontend references.
+//! 2. for every new or changed frontend: its rev-NAT entry, then its slots `1..=n`, then the
+//!    chunks of its Maglev table that differ from what the map holds, then its master entry with
+//!    count `n` and its flags (so the master never names a slot or a table that is not written
+//!    yet);
+//! 3. only then delete what is no longer needed: slots past the new count and Maglev chunks the
+//!    frontend no longer has, whole frontends that went away (master first, so lookups stop
+//!    before the slots and tables vanish), their rev-NAT entries, and finally backends no
+//!    frontend references.
+//!
+//! A Maglev table is rewritten in place, chunk by chunk, and only the chunks whose content
+//! changed: a backend change rewrites the chunks holding the ~M/N slots that moved. Each chunk
+//! write replaces the whole 64-slot value at once, and every id in old and new chunks names a
+//! backend that exists throughout (new backends are inserted first, orphans deleted last), so a
+//! packet racing the update lands on an old or a new choice, never on nothing.
 //!
 //! A packet racing the update therefore always finds either the old or the new backend set, and
 //! every backend id a slot names still exists. Cilium deletes orphaned backends first and drops
 //! new flows in that window; we delete them last.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::{ServiceKey, ServiceValue};
+use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
+    service::SVC_FLAG_MAGLEV,
+    ServiceKey, ServiceValue,
+};
 
-use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
+use super::{
+    maglev::{self, TableSize},
+    BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
 
 /// What the writer believes one frontend holds in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +39,8 @@ struct Programmed {
     flags: u16,
     /// Backend id of slot i+1.
     slots: Vec<u32>,
+    /// The chunks of its Maglev table, by chunk number (empty without one).
+    maglev: BTreeMap<u16, MaglevChunk>,
 }
 
 /// Counts of map operations, for logs and tests.
@@ -35,6 +52,8 @@ pub struct ApplyStats {
     pub backends_removed: usize,
     pub map_writes: usize,
     pub map_deletes: usize,
+    /// Maglev chunks written (included in `map_writes`).
+    pub maglev_chunk_writes: usize,
 }
 
 /// Keeps the maps equal to the desired state. Adopts whatever a previous agent left in the maps.
@@ -48,6 +67,9 @@ pub struct Writer {
     /// Next id to try; ids are handed out round-robin so a freed id is not reused at once.
     next_backend_id: u32,
     next_rev_nat_id: u16,
+    maglev_size: TableSize,
+    /// Maglev chunks found at adoption whose table no master names.
+    stray_chunks: Vec<MaglevKey>,
 }
 
 const MAX_BACKEND_ID: u32 = lb_common::map_sizes::BACKENDS;
@@ -59,6 +81,12 @@ impl Writer {
     /// Reads the maps and takes over what is there, so that a restart reconciles instead of
     /// flushing: existing ids stay the same and established flows keep their entries.
     pub fn adopt(dp: &impl Dataplane) -> Result<Self> {
+        Self::adopt_with_table_size(dp, TableSize::default())
+    }
+
+    /// As [`Writer::adopt`], building Maglev tables of `maglev_size` slots. Tables of another
+    /// size found in the maps are rewritten by the next apply.
+    pub fn adopt_with_table_size(dp: &impl Dataplane, maglev_size: TableSize) -> Result<Self> {
         let mut backend_ids = HashMap::new();
         let mut max_backend = 0;
         for (id, value) in dp.backends()? {
@@ -72,6 +100,10 @@ impl Writer {
             .filter(|(k, _)| k.slot != 0)
             .map(|(k, v)| ((FrontendAddr::from_key(k), k.slot), v.backend_id))
             .collect();
+        let mut tables: BTreeMap<u16, BTreeMap<u16, MaglevChunk>> = BTreeMap::new();
+        for (key, chunk) in dp.maglev_chunks()? {
+            tables.entry(key.table).or_default().insert(key.chunk, chunk);
+        }
         let mut max_rev_nat = 0;
         for (key, master) in services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = FrontendAddr::from_key(key);
@@ -85,9 +117,18 @@ impl Writer {
                     rev_nat_id: master.rev_nat_id,
                     flags: master.flags,
                     slots,
+                    maglev: tables.remove(&master.rev_nat_id).unwrap_or_default(),
                 },
             );
         }
+        let stray_chunks = tables
+            .into_iter()
+            .flat_map(|(table, chunks)| {
+                chunks
+                    .into_keys()
+                    .map(move |chunk| MaglevKey { table, chunk })
+            })
+            .collect();
         let used_backend_ids = backend_ids.values().copied().collect();
         let used_rev_nat_ids = frontends
             .values()
@@ -101,6 +142,8 @@ impl Writer {
             stray_slots: Vec::new(),
             next_backend_id: max_backend % MAX_BACKEND_ID + 1,
             next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
+            maglev_size,
+            stray_chunks,
         };
         // Slots past a master's count, or of frontends without a master, are leftovers of an
         // interrupted apply: the next apply deletes those it does not rewrite.
@@ -134,7 +177,7 @@ impl Writer {
     pub fn apply(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
         let result = self.apply_once(dp, desired);
         if result.is_err() {
-            if let Ok(actual) = Writer::adopt(dp) {
+            if let Ok(actual) = Writer::adopt_with_table_size(dp, self.maglev_size) {
                 *self = actual;
             }
         }
@@ -177,10 +220,15 @@ impl Writer {
                 .take(MAX_SLOTS)
                 .map(|b| self.backend_ids[b])
                 .collect();
+            let table = if want.flags & SVC_FLAG_MAGLEV != 0 {
+                maglev::chunks_for(&want.backends, self.maglev_size, |b| self.backend_ids[b])
+            } else {
+                BTreeMap::new()
+            };
             let old = self.frontends.get(fe).cloned();
             if old
                 .as_ref()
-                .is_some_and(|o| o.slots == slots && o.flags == want.flags)
+                .is_some_and(|o| o.slots == slots && o.flags == want.flags && o.maglev == table)
             {
                 continue;
             }
@@ -206,6 +254,18 @@ impl Writer {
                     stats.map_writes += 1;
                 }
             }
+            let old_table = old.as_ref().map(|o| &o.maglev);
+            for (&chunk, value) in &table {
+                if old_table.and_then(|t| t.get(&chunk)) != Some(value) {
+                    let key = MaglevKey {
+                        table: rev_nat_id,
+                        chunk,
+                    };
+                    dp.put_maglev_chunk(key, *value)?;
+                    stats.map_writes += 1;
+                    stats.maglev_chunk_writes += 1;
+                }
+            }
             let master = ServiceValue {
                 backend_id: 0,
                 count: slots.len() as u16,
@@ -221,6 +281,17 @@ impl Writer {
                 dp.delete_service(fe.key(slot as u16 + 1))?;
                 stats.map_deletes += 1;
             }
+            // Chunks of a table the frontend no longer has (Maglev turned off, no backends
+            // left, or a smaller table size).
+            for &chunk in old_table.into_iter().flat_map(|t| t.keys()) {
+                if !table.contains_key(&chunk) {
+                    dp.delete_maglev_chunk(MaglevKey {
+                        table: rev_nat_id,
+                        chunk,
+                    })?;
+                    stats.map_deletes += 1;
+                }
+            }
             stats.frontends_changed += 1;
             self.frontends.insert(
                 *fe,
@@ -228,6 +299,7 @@ impl Writer {
                     rev_nat_id,
                     flags: want.flags,
                     slots,
+                    maglev: table,
                 },
             );
         }
@@ -245,10 +317,16 @@ impl Writer {
             for slot in 1..=p.slots.len() {
                 dp.delete_service(fe.key(slot as u16))?;
             }
+            for &chunk in p.maglev.keys() {
+                dp.delete_maglev_chunk(MaglevKey {
+                    table: p.rev_nat_id,
+                    chunk,
+                })?;
+            }
             dp.delete_rev_nat(p.rev_nat_id)?;
             dp.delete_stats(StatsOf::Frontend(p.rev_nat_id))?;
             self.used_rev_nat_ids.remove(&p.rev_nat_id);
-            stats.map_deletes += 2 + p.slots.len();
+            stats.map_deletes += 2 + p.slots.len() + p.maglev.len();
             stats.frontends_removed += 1;
         }
         for key in std::mem::take(&mut self.stray_slots) {
@@ -259,6 +337,18 @@ impl Writer {
                 .is_some_and(|p| (key.slot as usize) <= p.slots.len());
             if !still_used {
                 dp.delete_service(key)?;
+                stats.map_deletes += 1;
+            }
+        }
+
+        for key in std::mem::take(&mut self.stray_chunks) {
+            // A table whose rev_nat id a frontend has taken since is that frontend's now.
+            let taken = self
+                .frontends
+                .values()
+                .any(|p| p.rev_nat_id == key.table && p.maglev.contains_key(&key.chunk));
+            if !taken {
+                dp.delete_maglev_chunk(key)?;
                 stats.map_deletes += 1;
             }
         }

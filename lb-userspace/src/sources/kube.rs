@@ -360,10 +360,16 @@ pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
     out
 }
 
-/// Keeps what identifies an object and the labels (service-name and proxy-name selection);
-/// drops managedFields, annotations, owner references and the rest.
+/// Keeps what identifies an object, the labels (service-name and proxy-name selection) and the
+/// annotations the model reads; drops managedFields, other annotations, owner references and
+/// the rest.
 fn trim_metadata(meta: &mut ObjectMeta) {
+    let annotations = meta.annotations.take().and_then(|mut all| {
+        all.retain(|k, _| k == crate::model::SCHEDULER_ANNOTATION);
+        (!all.is_empty()).then_some(all)
+    });
     *meta = ObjectMeta {
+        annotations,
         name: meta.name.take(),
         namespace: meta.namespace.take(),
         uid: meta.uid.take(),
