@@ -104,7 +104,13 @@ const SKIP_SEED: u64 = 0xd1b5_4a32_d192_ed03;
 /// as they sit in the packet and in the maps; they are converted to numbers first so the result
 /// does not depend on the machine's byte order.
 #[inline(always)]
-pub const fn flow_hash(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+pub const fn flow_hash(
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+) -> u32 {
     let addrs = ((u32::from_be(src_addr) as u64) << 32) | u32::from_be(dst_addr) as u64;
     let rest = ((u16::from_be(src_port) as u64) << 24)
         | ((u16::from_be(dst_port) as u64) << 8)
@@ -145,7 +151,9 @@ mod tests {
     fn primes() {
         assert!(is_prime(1021) && is_prime(65_521) && is_prime(31) && is_prime(2));
         assert!(!is_prime(1024) && !is_prime(1) && !is_prime(0) && !is_prime(65_535));
-        assert!(is_prime(DEFAULT_TABLE_SIZE) && is_prime(MIN_TABLE_SIZE) && is_prime(MAX_TABLE_SIZE));
+        assert!(
+            is_prime(DEFAULT_TABLE_SIZE) && is_prime(MIN_TABLE_SIZE) && is_prime(MAX_TABLE_SIZE)
+        );
     }
 
     #[test]

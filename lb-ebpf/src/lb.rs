@@ -344,9 +344,8 @@ fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
     }
     let backend_id = match maglev::pick(flow, &master) {
         Some(id) => id,
-        None => random_slot(flow, scope, master.count).ok_or_else(|| {
-            drop(drop_reason::MAP_INCONSISTENT, record)
-        })?,
+        None => random_slot(flow, scope, master.count)
+            .ok_or_else(|| drop(drop_reason::MAP_INCONSISTENT, record))?,
     };
     // SAFETY: copied out immediately.
     let backend = match unsafe { BACKENDS.get(backend_id) } {

@@ -248,7 +248,9 @@ pub fn trace(
                         })
                 })
             });
-            let maglev_backend = maglev.and_then(|(_, id)| id).and_then(|id| backends.get(&id));
+            let maglev_backend = maglev
+                .and_then(|(_, id)| id)
+                .and_then(|id| backends.get(&id));
             t.reason = match (established, maglev) {
                 (Some(_), _) => format!("established flow: conntrack keeps it on {backend}"),
                 (None, Some((slot, _))) => match maglev_backend {

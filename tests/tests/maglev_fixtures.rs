@@ -94,7 +94,10 @@ fn maglev_sends_each_flow_to_the_backend_the_userspace_table_predicts() {
     let mut f = fixture::Fixture::new("maglev-fx", &desired(5, TCP, true));
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..40u16 {
-        let client = (Ipv4Addr::new(198, 18, 1, 10 + (i % 7) as u8), 40_000 + i * 13);
+        let client = (
+            Ipv4Addr::new(198, 18, 1, 10 + (i % 7) as u8),
+            40_000 + i * 13,
+        );
         let (slot, want) = predicted(&f, client, TCP);
         seen.insert(want);
         let input = tcp_packet((CLIENT_MAC, NODE_MAC), client, (VIP, 80), "S", b"");

@@ -4,7 +4,8 @@ use std::path::Path;
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
 use lb_common::{
     maglev::{MaglevChunk, MaglevKey},
-    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, TrafficCounters};
+    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, TrafficCounters,
+};
 
 use super::{Dataplane, Error, Result, StatsOf};
 

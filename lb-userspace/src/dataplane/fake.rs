@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use lb_common::{
     maglev::{chunks, MaglevChunk, MaglevKey, CHUNK_SLOTS},
     service::SVC_FLAG_MAGLEV,
-    BackendValue, RevNatValue, ServiceKey, ServiceValue};
+    BackendValue, RevNatValue, ServiceKey, ServiceValue,
+};
 
 use super::{Dataplane, Error, Result, StatsOf};
 
@@ -63,28 +64,41 @@ impl FakeMaps {
         Ok(())
     }
 
-    /// A Maglev frontend's table: every chunk present, built for one size, every slot naming
-    /// an existing backend.
+    /// A Maglev frontend's table: every chunk present, every slot naming an existing backend.
+    /// While a table is rebuilt for another size (the agent restarted with a new
+    /// `--maglev-table-size`), chunks of both sizes coexist; the kernel ignores chunks of the
+    /// wrong size and missing ones (random fallback), so then only the backend ids are checked.
     fn check_maglev(&self, key: &ServiceKey, table: u16) -> Result<()> {
-        let Some(first) = self.maglev.get(&MaglevKey { table, chunk: 0 }) else {
-            return Err(Error::Fake(format!("{key:?}: Maglev table {table} missing")));
+        let chunks_of: Vec<(&MaglevKey, &MaglevChunk)> = self
+            .maglev
+            .iter()
+            .filter(|(k, _)| k.table == table)
+            .collect();
+        let sizes: std::collections::BTreeSet<u32> =
+            chunks_of.iter().map(|(_, c)| c.table_size).collect();
+        let Some(&m) = sizes.first() else {
+            return Err(Error::Fake(format!(
+                "{key:?}: Maglev table {table} missing"
+            )));
         };
-        let m = first.table_size as usize;
-        for c in 0..chunks(first.table_size) as u16 {
-            let Some(chunk) = self.maglev.get(&MaglevKey { table, chunk: c }) else {
-                return Err(Error::Fake(format!("{key:?}: Maglev chunk {table}/{c} missing")));
-            };
-            if chunk.table_size as usize != m {
-                return Err(Error::Fake(format!(
-                    "{key:?}: Maglev chunk {table}/{c} has size {}, chunk 0 {m}",
-                    chunk.table_size
-                )));
+        if sizes.len() == 1 {
+            for c in 0..chunks(m) as u16 {
+                if !self.maglev.contains_key(&MaglevKey { table, chunk: c }) {
+                    return Err(Error::Fake(format!(
+                        "{key:?}: Maglev chunk {table}/{c} missing"
+                    )));
+                }
             }
-            let used = (m - c as usize * CHUNK_SLOTS).min(CHUNK_SLOTS);
+        }
+        for (k, chunk) in chunks_of {
+            let used = (chunk.table_size as usize)
+                .saturating_sub(k.chunk as usize * CHUNK_SLOTS)
+                .min(CHUNK_SLOTS);
             for &id in &chunk.backend_ids[..used] {
                 if !self.backends.contains_key(&id) {
                     return Err(Error::Fake(format!(
-                        "{key:?}: Maglev chunk {table}/{c} names missing backend {id}"
+                        "{key:?}: Maglev chunk {table}/{} names missing backend {id}",
+                        k.chunk
                     )));
                 }
             }

@@ -11,7 +11,9 @@
 //! whatever ids its agent gave the backends.
 use std::collections::BTreeMap;
 
-use lb_common::maglev::{chunks, permutation, MaglevChunk, CHUNK_SLOTS, MAX_TABLE_SIZE, MIN_TABLE_SIZE};
+use lb_common::maglev::{
+    chunks, permutation, MaglevChunk, CHUNK_SLOTS, MAX_TABLE_SIZE, MIN_TABLE_SIZE,
+};
 
 use super::BackendAddr;
 
@@ -29,7 +31,9 @@ impl TableSize {
             ));
         }
         if !lb_common::maglev::is_prime(m) {
-            let below = (MIN_TABLE_SIZE..m).rev().find(|&n| lb_common::maglev::is_prime(n));
+            let below = (MIN_TABLE_SIZE..m)
+                .rev()
+                .find(|&n| lb_common::maglev::is_prime(n));
             let above = (m..=MAX_TABLE_SIZE).find(|&n| lb_common::maglev::is_prime(n));
             return Err(format!(
                 "Maglev table size {m} is not prime (nearest primes: {}, {})",
@@ -181,7 +185,11 @@ mod tests {
     }
 
     /// Which backend (by address) each tuple lands on.
-    fn route(bs: &[BackendAddr], size: TableSize, flows: &[(u32, u32, u16, u16, u8)]) -> Vec<BackendAddr> {
+    fn route(
+        bs: &[BackendAddr],
+        size: TableSize,
+        flows: &[(u32, u32, u16, u16, u8)],
+    ) -> Vec<BackendAddr> {
         let (sorted, table) = build(bs, size);
         flows
             .iter()
@@ -193,10 +201,16 @@ mod tests {
     fn table_size_must_be_prime_and_in_range() {
         assert_eq!(TableSize::new(1021).unwrap().get(), 1021);
         let e = TableSize::new(1024).unwrap_err();
-        assert!(e.contains("not prime") && e.contains("1021") && e.contains("1031"), "{e}");
+        assert!(
+            e.contains("not prime") && e.contains("1021") && e.contains("1031"),
+            "{e}"
+        );
         assert!(TableSize::new(7).unwrap_err().contains("outside"));
         assert!(TableSize::new(65_537).unwrap_err().contains("outside"));
-        assert!("abc".parse::<TableSize>().unwrap_err().contains("not a number"));
+        assert!("abc"
+            .parse::<TableSize>()
+            .unwrap_err()
+            .contains("not a number"));
         assert_eq!("4093".parse::<TableSize>().unwrap().get(), 4093);
     }
 
@@ -215,7 +229,10 @@ mod tests {
             // that the last round stops part-way.
             let fair = m as usize / n as usize;
             for c in counts {
-                assert!(c == fair || c == fair + 1, "n={n} m={m}: {c} slots, fair {fair}");
+                assert!(
+                    c == fair || c == fair + 1,
+                    "n={n} m={m}: {c} slots, fair {fair}"
+                );
             }
         }
     }
@@ -261,8 +278,16 @@ mod tests {
                 .count();
             let needless_frac = needless as f64 / survivors as f64;
             println!("remove 1 of {n} (M={m}): moved {frac:.4} (ideal {ideal:.4}), surviving flows moved {needless_frac:.4}");
-            assert!((frac - ideal).abs() < ideal * 0.35, "remove: moved {frac}, ideal {ideal}");
-            assert!(needless_frac < 0.06, "remove: {needless_frac} of surviving flows moved");
+            // At least the removed backend's own flows move; on top of that Maglev moves a few
+            // percent of the others (its known disruption, smaller as M/N grows).
+            assert!(
+                frac >= ideal * 0.9 && frac <= ideal + 0.035,
+                "remove: moved {frac}, ideal {ideal}"
+            );
+            assert!(
+                needless_frac < 0.035,
+                "remove: {needless_frac} of surviving flows moved"
+            );
 
             // Add backend n+1.
             let grown = route(&backends(n + 1), size, &flows);
@@ -271,11 +296,22 @@ mod tests {
             let frac = moved as f64 / flows.len() as f64;
             let ideal = 1.0 / (n + 1) as f64;
             let to_new = grown.iter().filter(|b| **b == added).count();
-            let needless = moved - before.iter().zip(&grown).filter(|(a, b)| a != b && **b == added).count();
+            let needless = moved
+                - before
+                    .iter()
+                    .zip(&grown)
+                    .filter(|(a, b)| a != b && **b == added)
+                    .count();
             let needless_frac = needless as f64 / flows.len() as f64;
             println!("add 1 to {n} (M={m}): moved {frac:.4} (ideal {ideal:.4}), moved elsewhere {needless_frac:.4}");
-            assert!((frac - ideal).abs() < ideal * 0.35, "add: moved {frac}, ideal {ideal}");
-            assert!(to_new > 0 && needless_frac < 0.06, "add: {needless_frac} moved between old backends");
+            assert!(
+                frac >= ideal * 0.9 && frac <= ideal + 0.035,
+                "add: moved {frac}, ideal {ideal}"
+            );
+            assert!(
+                to_new > 0 && needless_frac < 0.035,
+                "add: {needless_frac} moved between old backends"
+            );
         }
     }
 
@@ -286,7 +322,11 @@ mod tests {
         let routed = route(&backends(n), TableSize::default(), &flows);
         for b in backends(n) {
             let share = routed.iter().filter(|r| **r == b).count() as f64 / flows.len() as f64;
-            assert!((share - 1.0 / n as f64).abs() < 0.02, "{}: share {share}", b.addr);
+            assert!(
+                (share - 1.0 / n as f64).abs() < 0.02,
+                "{}: share {share}",
+                b.addr
+            );
         }
     }
 }

@@ -30,7 +30,8 @@ use lb_common::{
 
 use super::{
     maglev::{self, TableSize},
-    BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
+    BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf,
+};
 
 /// What the writer believes one frontend holds in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +103,10 @@ impl Writer {
             .collect();
         let mut tables: BTreeMap<u16, BTreeMap<u16, MaglevChunk>> = BTreeMap::new();
         for (key, chunk) in dp.maglev_chunks()? {
-            tables.entry(key.table).or_default().insert(key.chunk, chunk);
+            tables
+                .entry(key.table)
+                .or_default()
+                .insert(key.chunk, chunk);
         }
         let mut max_rev_nat = 0;
         for (key, master) in services.iter().filter(|(k, _)| k.slot == 0) {
@@ -255,7 +259,10 @@ impl Writer {
                 }
             }
             let old_table = old.as_ref().map(|o| &o.maglev);
-            for (&chunk, value) in &table {
+            // Highest chunk first: when the table size grows, the chunks past the old end exist
+            // before chunk 0 takes the new size, so a table whose chunks all have one size is
+            // always complete (the kernel ignores chunks of another size).
+            for (&chunk, value) in table.iter().rev() {
                 if old_table.and_then(|t| t.get(&chunk)) != Some(value) {
                     let key = MaglevKey {
                         table: rev_nat_id,

@@ -1123,7 +1123,9 @@ shop/web:http/TCP IPv4
 fn with_scheduler(value: &str) -> String {
     svc("  type: NodePort", &[REMOTE_READY]).replacen(
         "metadata: {name: s, namespace: d}",
-        &format!("metadata: {{name: s, namespace: d, annotations: {{lb.io/scheduler: '{value}'}}}}"),
+        &format!(
+            "metadata: {{name: s, namespace: d, annotations: {{lb.io/scheduler: '{value}'}}}}"
+        ),
         1,
     )
 }

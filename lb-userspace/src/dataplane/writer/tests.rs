@@ -389,22 +389,42 @@ fn maglev_frontend_gets_its_whole_table_before_its_master() {
     let mut maps = FakeMaps::default();
     let mut w = Writer::adopt(&maps).unwrap();
     let stats = w
-        .apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[1, 2, 3], true)]))
+        .apply(
+            &mut maps,
+            &maglev_desired(&[(fe(10, 80), &[1, 2, 3], true)]),
+        )
         .unwrap();
     assert_eq!(stats.maglev_chunk_writes, 16, "1021 slots in 16 chunks");
-    assert_eq!(table_of(&maps, fe(10, 80)), expected_table(&maps, &[1, 2, 3], TableSize::default()));
-    let master_at = maps.log.iter().position(|l| l == "put service slot 0").unwrap();
-    let last_chunk_at = maps.log.iter().rposition(|l| l.starts_with("put maglev")).unwrap();
+    assert_eq!(
+        table_of(&maps, fe(10, 80)),
+        expected_table(&maps, &[1, 2, 3], TableSize::default())
+    );
+    let master_at = maps
+        .log
+        .iter()
+        .position(|l| l == "put service slot 0")
+        .unwrap();
+    let last_chunk_at = maps
+        .log
+        .iter()
+        .rposition(|l| l.starts_with("put maglev"))
+        .unwrap();
     assert!(last_chunk_at < master_at, "{:?}", maps.log);
-    assert_eq!(maps.services[&fe(10, 80).key(0)].flags & SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV);
+    assert_eq!(
+        maps.services[&fe(10, 80).key(0)].flags & SVC_FLAG_MAGLEV,
+        SVC_FLAG_MAGLEV
+    );
 }
 
 #[test]
 fn random_frontends_have_no_table() {
     let mut maps = FakeMaps::default();
     let mut w = Writer::adopt(&maps).unwrap();
-    w.apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[1, 2, 3], false)]))
-        .unwrap();
+    w.apply(
+        &mut maps,
+        &maglev_desired(&[(fe(10, 80), &[1, 2, 3], false)]),
+    )
+    .unwrap();
     assert!(maps.maglev.is_empty());
 }
 
@@ -414,7 +434,10 @@ fn maglev_table_is_rewritten_by_diff_only_where_it_changed() {
     let mut w = Writer::adopt(&maps).unwrap();
     w.apply(
         &mut maps,
-        &maglev_desired(&[(fe(10, 80), &[1, 2, 3, 4], true), (fe(11, 80), &[5, 6], true)]),
+        &maglev_desired(&[
+            (fe(10, 80), &[1, 2, 3, 4], true),
+            (fe(11, 80), &[5, 6], true),
+        ]),
     )
     .unwrap();
     let before = table_of(&maps, fe(10, 80));
@@ -428,12 +451,28 @@ fn maglev_table_is_rewritten_by_diff_only_where_it_changed() {
         )
         .unwrap();
     let after = table_of(&maps, fe(10, 80));
-    assert_eq!(after, expected_table(&maps, &[1, 2, 4], TableSize::default()));
-    let changed = before.iter().filter(|(c, v)| after.get(c) != Some(v)).count();
-    assert_eq!(stats.maglev_chunk_writes, changed, "exactly the chunks that differ");
-    assert_eq!(table_of(&maps, fe(11, 80)), other_before, "the other table is untouched");
+    assert_eq!(
+        after,
+        expected_table(&maps, &[1, 2, 4], TableSize::default())
+    );
+    let changed = before
+        .iter()
+        .filter(|(c, v)| after.get(c) != Some(v))
+        .count();
+    assert_eq!(
+        stats.maglev_chunk_writes, changed,
+        "exactly the chunks that differ"
+    );
+    assert_eq!(
+        table_of(&maps, fe(11, 80)),
+        other_before,
+        "the other table is untouched"
+    );
     // The removed backend is deleted last, after the table stopped naming it.
-    assert_eq!(maps.log.last().map(String::as_str), Some("delete backend 3"));
+    assert_eq!(
+        maps.log.last().map(String::as_str),
+        Some("delete backend 3")
+    );
     // Slots that did not belong to the removed backend keep their backend.
     let id3 = 3;
     let kept = before
@@ -448,7 +487,10 @@ fn maglev_table_is_rewritten_by_diff_only_where_it_changed() {
         .flat_map(|c| c.backend_ids.iter())
         .filter(|b| **b != id3 && **b != 0)
         .count();
-    assert!(kept as f64 / survivors as f64 > 0.95, "{kept} of {survivors} kept");
+    assert!(
+        kept as f64 / survivors as f64 > 0.95,
+        "{kept} of {survivors} kept"
+    );
 
     // The same state again writes nothing.
     let stats = w
@@ -487,12 +529,12 @@ fn removed_or_emptied_maglev_frontend_loses_its_table() {
         &maglev_desired(&[(fe(10, 80), &[1, 2], true), (fe(11, 80), &[3], true)]),
     )
     .unwrap();
-    w.apply(
-        &mut maps,
-        &maglev_desired(&[(fe(10, 80), &[], true)]),
-    )
-    .unwrap();
-    assert!(maps.maglev.is_empty(), "no backends: no table; frontend gone: no table");
+    w.apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[], true)]))
+        .unwrap();
+    assert!(
+        maps.maglev.is_empty(),
+        "no backends: no table; frontend gone: no table"
+    );
     assert_eq!(maps.services[&fe(10, 80).key(0)].count, 0);
 }
 
@@ -503,17 +545,29 @@ fn restarted_writer_with_another_table_size_rebuilds_tables_and_drops_strays() {
     let d = maglev_desired(&[(fe(10, 80), &[1, 2, 3], true)]);
     w.apply(&mut maps, &d).unwrap();
     // A chunk of a table no master names (an interrupted apply).
-    maps.maglev.insert(MaglevKey { table: 999, chunk: 3 }, MaglevChunk::default());
+    maps.maglev.insert(
+        MaglevKey {
+            table: 999,
+            chunk: 3,
+        },
+        MaglevChunk::default(),
+    );
 
     let same = Writer::adopt(&maps).unwrap().apply(&mut maps, &d).unwrap();
     assert_eq!(same.maglev_chunk_writes, 0, "same size: adopted as is");
-    assert!(!maps.maglev.keys().any(|k| k.table == 999), "stray chunk deleted");
+    assert!(
+        !maps.maglev.keys().any(|k| k.table == 999),
+        "stray chunk deleted"
+    );
 
     let size = TableSize::new(4093).unwrap();
     let mut w = Writer::adopt_with_table_size(&maps, size).unwrap();
     let stats = w.apply(&mut maps, &d).unwrap();
     assert_eq!(stats.maglev_chunk_writes, 64, "4093 slots in 64 chunks");
-    assert_eq!(table_of(&maps, fe(10, 80)), expected_table(&maps, &[1, 2, 3], size));
+    assert_eq!(
+        table_of(&maps, fe(10, 80)),
+        expected_table(&maps, &[1, 2, 3], size)
+    );
 
     // And back to a smaller size: the chunks past the new end are deleted.
     let mut w = Writer::adopt(&maps).unwrap();
@@ -560,7 +614,10 @@ fn random_update_sequences_with_maglev_keep_every_table_complete() {
             assert_eq!(table_of(&maps, *f), want, "round {round}");
         }
         let tables: BTreeSet<u16> = maps.maglev.keys().map(|k| k.table).collect();
-        let expected = entries.iter().filter(|(_, b, m)| *m && !b.is_empty()).count();
+        let expected = entries
+            .iter()
+            .filter(|(_, b, m)| *m && !b.is_empty())
+            .count();
         assert_eq!(tables.len(), expected, "round {round}: no stale tables");
     }
 }
