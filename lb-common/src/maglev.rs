@@ -75,7 +75,7 @@ pub const fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u32;
     while d as u64 * d as u64 <= n as u64 {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;

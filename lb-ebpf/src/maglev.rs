@@ -39,7 +39,7 @@ pub fn pick(flow: &Flow, master: &ServiceValue) -> Option<u32> {
         chunk: (slot / CHUNK_SLOTS as u32) as u16,
     };
     // SAFETY: only read, within this program run.
-    let chunk = unsafe { MAGLEV.get(&key) }?;
+    let chunk = unsafe { MAGLEV.get(key) }?;
     if chunk.table_size != m {
         return None;
     }
