@@ -466,4 +466,27 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn service_keeps_only_the_scheduler_annotation() {
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web",
+                "namespace": "shop",
+                "annotations": {
+                    crate::model::SCHEDULER_ANNOTATION: "random",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...}"
+                }
+            }
+        }))
+        .unwrap();
+        trim_service(&mut svc);
+        assert_eq!(
+            svc.metadata.annotations,
+            Some(BTreeMap::from([(
+                crate::model::SCHEDULER_ANNOTATION.to_string(),
+                "random".to_string()
+            )]))
+        );
+    }
 }
