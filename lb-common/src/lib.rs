@@ -19,12 +19,14 @@
 //!  drops      PERCPU_ARRAY u32 drop reason -> u64 packets
 //!  src_ranges LPM_TRIE {prefixlen, SourceRangeKey{rev_nat_id, addr}} -> u8 (1 = allowed)
 //!  reject_bkt PERCPU_ARRAY u32 0 -> RejectBucket (rate limit of rejects)
+//!  maglev     HASH     MaglevKey{table = rev_nat_id, chunk} -> MaglevChunk (64 slots of a table)
 //! ```
 #![no_std]
 
 pub mod conntrack;
 pub mod csum;
 pub mod legacy;
+pub mod maglev;
 pub mod reject;
 pub mod service;
 pub mod stats;
@@ -63,6 +65,9 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "LB_SRC_RANGES";
     /// PERCPU_ARRAY of one [`crate::RejectBucket`]: the reject rate limit's state.
     pub const REJECT_BUCKET: &str = "LB_REJECT_BKT";
+    /// HASH (no prealloc) [`crate::maglev::MaglevKey`] -> [`crate::maglev::MaglevChunk`]: the
+    /// Maglev lookup tables, in chunks.
+    pub const MAGLEV: &str = "LB_MAGLEV";
 }
 
 /// Default map capacities. The conntrack size can be changed by the agent before load.
@@ -81,6 +86,14 @@ pub mod map_sizes {
     pub const BACKEND_STATS: u32 = BACKENDS;
     /// Source-range entries over all LoadBalancer frontends.
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// Maglev tables the chunk map is sized for (the agent multiplies by the chunks per table
+    /// when it creates the map). Entries are allocated on use, so unused capacity costs only
+    /// the hash buckets.
+    pub const MAGLEV_TABLES: u32 = 16_384;
+    /// Chunk capacity compiled into the object: enough for [`MAGLEV_TABLES`] tables of the
+    /// default size. The agent overrides it for other sizes.
+    pub const MAGLEV_CHUNKS: u32 =
+        MAGLEV_TABLES * crate::maglev::chunks(crate::maglev::DEFAULT_TABLE_SIZE);
 }
 
 /// `BPF_F_NO_PREALLOC`: the stats maps allocate an entry only when userspace creates it, so
@@ -103,6 +116,10 @@ pub mod program_names {
 /// (`ingress_ifindex == 0`), which a real packet at tc ingress never has; a trace decides exactly
 /// as a real packet would but writes no conntrack entry and no counter.
 pub const TRACE_MARK: u32 = 0x7ace_0001;
+
+/// Name of the kernel object's global holding the Maglev table size `M` the agent was started
+/// with (set at load time; 0 disables Maglev lookups, which then fall back to a random slot).
+pub const MAGLEV_TABLE_SIZE_GLOBAL: &str = "LB_MAGLEV_TABLE_SIZE";
 
 /// IP protocol numbers as used in keys.
 pub mod proto {

@@ -135,6 +135,10 @@ pub struct AffinityValue {
     pub last_used_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 24);
+/// New flows pick their backend from the frontend's Maglev table (keyed by its rev_nat_id in
+/// `LB_MAGLEV`) instead of a random slot. The slots are written as well, for inspection and as
+/// the fallback while a table is being rebuilt.
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 4;
 
 /// Value of the backends map, keyed by a `u32` backend id (ids start at 1; 0 means none).
 #[repr(C)]

@@ -20,6 +20,7 @@ use lb_common::{
 };
 
 use crate::{
+    maglev,
     maps::{count_drop, AFFINITY, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
     packet::{Flow, IcmpError, IcmpNat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -405,7 +406,7 @@ pub struct Pick {
     pub stale: bool,
 }
 
-/// Step 3: the frontend's master entry in `scope`, then a random slot. `Err` carries the verdict
+/// Step 3: the frontend's master entry in `scope`, then its Maglev slot or a random slot. `Err` carries the verdict
 /// when there is nothing to pick (not a frontend: pass; no backend: drop).
 #[inline(always)]
 fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
@@ -428,19 +429,10 @@ fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
             return Ok(pick);
         }
     }
-    // SAFETY: bpf_get_prandom_u32 has no preconditions.
-    let pick = unsafe { bpf_get_prandom_u32() } % master.count as u32;
-    let slot_key = ServiceKey::new(
-        flow.dst_addr,
-        flow.dst_port,
-        flow.proto,
-        scope,
-        pick as u16 + 1,
-    );
-    // SAFETY: copied out immediately.
-    let backend_id = match unsafe { SERVICES.get(slot_key) } {
-        Some(s) => s.backend_id,
-        None => return Err(drop(drop_reason::MAP_INCONSISTENT, record)),
+    let backend_id = match maglev::pick(flow, &master) {
+        Some(id) => id,
+        None => random_slot(flow, scope, master.count)
+            .ok_or_else(|| drop(drop_reason::MAP_INCONSISTENT, record))?,
     };
     // SAFETY: copied out immediately.
     let backend = match unsafe { BACKENDS.get(backend_id) } {
@@ -518,6 +510,22 @@ fn affinity_store(flow: &Flow, master: &ServiceValue, backend_id: u32, backend: 
         last_used_ns: unsafe { bpf_ktime_get_ns() },
     };
     let _ = AFFINITY.insert(affinity_key(flow, master), value, BPF_ANY as u64);
+}
+
+/// The backend id of a random slot among the frontend's `count` slots.
+#[inline(always)]
+fn random_slot(flow: &Flow, scope: u8, count: u16) -> Option<u32> {
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let pick = unsafe { bpf_get_prandom_u32() } % count as u32;
+    let slot_key = ServiceKey::new(
+        flow.dst_addr,
+        flow.dst_port,
+        flow.proto,
+        scope,
+        pick as u16 + 1,
+    );
+    // SAFETY: copied out immediately.
+    unsafe { SERVICES.get(slot_key) }.map(|s| s.backend_id)
 }
 
 /// Records a new flow (forward and reply entries, counters) and returns its translation.

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod lb;
+mod maglev;
 mod maps;
 mod packet;
 mod reject;

@@ -5,6 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     map_sizes, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RejectBucket, RevNatValue,
     ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters, BPF_F_NO_PREALLOC,
 };
@@ -42,6 +43,10 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> =
 
 #[map(name = "LB_REJECT_BKT")]
 pub static REJECT_BUCKET: PerCpuArray<RejectBucket> = PerCpuArray::pinned(1, 0);
+/// Maglev lookup tables in chunks of 64 slots; entries exist only for frontends that use Maglev.
+#[map(name = "LB_MAGLEV")]
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::pinned(map_sizes::MAGLEV_CHUNKS, BPF_F_NO_PREALLOC);
 
 /// Counts one dropped packet under `reason` ([`lb_common::stats::drop_reason`]).
 #[inline(always)]

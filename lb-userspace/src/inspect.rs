@@ -267,7 +267,11 @@ pub fn read(dir: &Path) -> Result<Snapshot> {
             protocol: protocol_name(fe.proto),
             scope: scope_name(fe.scope),
             rev_nat_id: master.rev_nat_id,
-            scheduler: "random",
+            scheduler: if master.flags & lb_common::service::SVC_FLAG_MAGLEV != 0 {
+                "maglev"
+            } else {
+                "random"
+            },
             flags: frontend_flags(master),
             counters: fe_stats
                 .get(&(master.rev_nat_id as u32))

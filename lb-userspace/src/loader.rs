@@ -13,6 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     map_names, program_names, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue,
     RejectBucket, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters,
 };
@@ -166,7 +167,7 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-pub const PINNED_MAPS: [(&str, usize, usize); 10] = [
+pub const PINNED_MAPS: [(&str, usize, usize); 11] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -213,6 +214,11 @@ pub const PINNED_MAPS: [(&str, usize, usize); 10] = [
         map_names::REJECT_BUCKET,
         size_of::<u32>(),
         size_of::<RejectBucket>(),
+    ),
+    (
+        map_names::MAGLEV,
+        size_of::<MaglevKey>(),
+        size_of::<MaglevChunk>(),
     ),
 ];
 
@@ -316,6 +322,9 @@ pub struct LoadOptions {
     pub conntrack_size: u32,
     /// Rate limit of rejects, fixed in the programs at load time.
     pub reject_limit: RejectLimit,
+    /// Maglev table size `M` (validated prime by the caller): given to the programs, and sizes
+    /// the chunk map when it is created.
+    pub maglev_table_size: u32,
 }
 
 /// Loads the object with every map pinned under `opts.bpffs` (reusing pins that exist, so a
@@ -331,7 +340,13 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
         .iter()
         .map(|(n, _, _)| (*n, opts.bpffs.join(n)))
         .collect();
+    let maglev_size = opts.maglev_table_size;
     let mut loader = EbpfLoader::new();
+    loader.override_global(lb_common::MAGLEV_TABLE_SIZE_GLOBAL, &maglev_size, true);
+    loader.map_max_entries(
+        map_names::MAGLEV,
+        lb_common::map_sizes::MAGLEV_TABLES * lb_common::maglev::chunks(maglev_size),
+    );
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

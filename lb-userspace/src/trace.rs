@@ -13,9 +13,12 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use lb_common::{
-    conntrack::CT_DIR_FORWARD, ipv4_to_net, map_names, port_to_net, proto,
-    service::SVC_FLAG_SOURCE_RANGES, AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey,
-    SourceRangeKey,
+    conntrack::CT_DIR_FORWARD,
+    ipv4_to_net,
+    maglev::{MaglevKey, CHUNK_SLOTS},
+    map_names, port_to_net, proto,
+    service::{SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES},
+    AffinityKey, AffinityValue, CtKey, CtValue, ServiceKey, SourceRangeKey,
 };
 use serde::Serialize;
 
@@ -57,6 +60,11 @@ pub struct Trace {
     /// Slot of that backend in the frontend (1-based), and how many there are.
     pub slot: Option<u16>,
     pub backends: Option<u16>,
+    /// `maglev` or `random`: how the frontend picks a backend for new flows.
+    pub scheduler: Option<&'static str>,
+    /// For a Maglev frontend: the flow's slot in the table (0-based) and its table size.
+    pub maglev_slot: Option<u32>,
+    pub maglev_table_size: Option<u32>,
     pub reason: String,
 }
 
@@ -134,10 +142,37 @@ pub fn trace(
         maps.services()?.into_iter().collect();
     let master = services.get(&fe.key(0)).copied();
 
+    // The program must hash with the table size the agent built the tables for.
+    let chunks = maps.maglev_chunks()?;
+    let table_size = chunks
+        .first()
+        .map(|(_, c)| c.table_size)
+        .unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE);
+    let maglev = master.filter(|m| m.flags & SVC_FLAG_MAGLEV != 0).map(|m| {
+        let slot = crate::dataplane::maglev::slot_of(
+            ipv4_to_net(*src.ip()),
+            ipv4_to_net(*dst.ip()),
+            port_to_net(src.port()),
+            port_to_net(dst.port()),
+            protocol,
+            table_size,
+        );
+        let key = MaglevKey {
+            table: m.rev_nat_id,
+            chunk: (slot as usize / CHUNK_SLOTS) as u16,
+        };
+        let id = chunks
+            .iter()
+            .find(|(k, c)| *k == key && c.table_size == table_size)
+            .map(|(_, c)| c.backend_ids[slot as usize % CHUNK_SLOTS]);
+        (slot, id)
+    });
+
     let mut ebpf = loader::load(&loader::LoadOptions {
         bpffs: bpffs.to_path_buf(),
         conntrack_size: lb_common::map_sizes::CONNTRACK,
         reject_limit: loader::RejectLimit::default(),
+        maglev_table_size: table_size,
     })?;
     let input = packet(src, dst, protocol)?;
     let mut output = vec![0u8; input.len() + 64];
@@ -179,6 +214,15 @@ pub fn trace(
         backend: None,
         slot: None,
         backends: master.map(|m| m.count),
+        scheduler: master.map(|m| {
+            if m.flags & SVC_FLAG_MAGLEV != 0 {
+                "maglev"
+            } else {
+                "random"
+            }
+        }),
+        maglev_slot: maglev.map(|(slot, _)| slot),
+        maglev_table_size: maglev.map(|_| table_size),
         reason: String::new(),
     };
     let rewritten = out_dst.filter(|d| *d != dst);
@@ -243,24 +287,43 @@ pub fn trace(
                     affinity_entry(bpffs, src, m.affinity_group),
                 )
             });
-            t.reason = match (established, affinity) {
-                (Some(_), _) => format!("established flow: conntrack keeps it on {backend}"),
-                (None, Some((timeout, Some((entry, age))))) if entry == backend => format!(
-                    "new flow to frontend {dst}/{}: session affinity (ClientIP, {timeout} s): this client's last new connection, {age} s ago, went to {backend} (slot {})",
-                    t.protocol,
-                    t.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+            let maglev_backend = maglev
+                .and_then(|(_, id)| id)
+                .and_then(|id| backends.get(&id));
+            let slot = t.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into());
+            // Affinity is checked first in the data path; when it has no usable entry the
+            // scheduler (Maglev or random) decides.
+            let no_affinity = match affinity {
+                Some((timeout, _)) => format!(
+                    "session affinity (ClientIP, {timeout} s) has no usable entry for this client, so "
                 ),
-                (None, affinity) => format!(
-                    "new flow to frontend {dst}/{}: {}random choice among {} backends picked {backend} (slot {}); another run may pick another",
+                None => String::new(),
+            };
+            t.reason = match (established, affinity, maglev) {
+                (Some(_), _, _) => format!("established flow: conntrack keeps it on {backend}"),
+                (None, Some((timeout, Some((entry, age)))), _) if entry == backend => format!(
+                    "new flow to frontend {dst}/{}: session affinity (ClientIP, {timeout} s): this client's last new connection, {age} s ago, went to {backend} (slot {slot})",
                     t.protocol,
-                    match affinity {
-                        Some((timeout, _)) => format!(
-                            "session affinity (ClientIP, {timeout} s) has no usable entry for this client, so a "
-                        ),
-                        None => String::new(),
-                    },
+                ),
+                (None, _, Some((mslot, _))) => match maglev_backend {
+                    Some(b)
+                        if lb_common::net_to_ipv4(b.addr) == *backend.ip()
+                            && lb_common::net_to_port(b.port) == backend.port() =>
+                    {
+                        format!(
+                            "new flow to frontend {dst}/{}: {no_affinity}Maglev slot {mslot} (of {table_size}) -> backend {backend}; the same tuple always gets this backend while the backend set is unchanged",
+                            t.protocol
+                        )
+                    }
+                    _ => format!(
+                        "new flow to frontend {dst}/{}: {no_affinity}Maglev slot {mslot} (of {table_size}) has no usable entry (table being rebuilt): random choice picked {backend}",
+                        t.protocol
+                    ),
+                },
+                (None, _, None) => format!(
+                    "new flow to frontend {dst}/{}: {no_affinity}random choice among {} backends picked {backend} (slot {slot}); another run may pick another",
+                    t.protocol,
                     t.backends.unwrap_or(0),
-                    t.slot.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
                 ),
             };
             if src.ip() == backend.ip() {

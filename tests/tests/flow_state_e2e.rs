@@ -461,6 +461,7 @@ fn a_thousand_endpoint_set_rewrites_under_load_fail_or_misroute_nothing() {
             bpffs: bpffs.path().to_path_buf(),
             conntrack_size: 65_536,
             reject_limit: Default::default(),
+            maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
         })
         .expect("load");
         for iface in node.pod_ifaces() {

@@ -562,3 +562,51 @@ fn lbctl_refuses_pins_of_another_layout_version_naming_both() {
         }
     }
 }
+
+#[test]
+fn lbctl_shows_the_maglev_scheduler_and_traces_the_slot_a_flow_really_takes() {
+    let backends = [
+        ("be-1", Ipv4Addr::new(198, 18, 2, 1)),
+        ("be-2", Ipv4Addr::new(198, 18, 2, 2)),
+        ("be-3", Ipv4Addr::new(198, 18, 2, 3)),
+    ];
+    let ips: Vec<Ipv4Addr> = backends.iter().map(|b| b.1).collect();
+    // The pod-side default is random; the annotation asks for Maglev.
+    let yaml = echo_service_yaml(VIP, 80, 8080, &ips).replacen(
+        "metadata: {name: echo, namespace: demo}",
+        "metadata: {name: echo, namespace: demo, annotations: {lb.io/scheduler: maglev}}",
+        1,
+    );
+    let bed = OneNode::start("lbctl-maglev", &backends, 8080, &yaml).unwrap();
+    bed.wait_for_tcp(SocketAddrV4::new(VIP, 80), Duration::from_secs(10))
+        .unwrap();
+
+    let services = lbctl(&bed, &["services"]);
+    assert_eq!(frontend(&services, "TCP")["scheduler"], "maglev");
+
+    for port in [45_001u16, 45_002, 45_003, 45_004] {
+        let src = format!("{CLIENT_IP}:{port}");
+        let t = lbctl(&bed, &["trace", &src, "198.19.0.10:80/tcp"]);
+        assert_eq!(t["verdict"], "dnat", "{t:#}");
+        assert_eq!(t["scheduler"], "maglev", "{t:#}");
+        assert_eq!(t["maglev_table_size"], 1021, "{t:#}");
+        let slot = t["maglev_slot"].as_u64().expect("a Maglev slot");
+        let backend = t["backend"].as_str().unwrap();
+        let reason = t["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(&format!(
+                "Maglev slot {slot} (of 1021) -> backend {backend}"
+            )),
+            "{t:#}"
+        );
+        // The same tuple for real lands where the trace said.
+        let from = SocketAddrV4::new(CLIENT_IP, port);
+        let reply = bed
+            .client
+            .ns
+            .run(|| lb_tests::tcp_request_from_here(from, SocketAddrV4::new(VIP, 80), TIMEOUT))
+            .unwrap();
+        let served = backends.iter().find(|b| b.0 == reply.backend).unwrap().1;
+        assert_eq!(backend, format!("{served}:8080"), "port {port}: {t:#}");
+    }
+}

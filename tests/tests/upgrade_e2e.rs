@@ -275,6 +275,7 @@ fn pins_from_before_source_ranges_and_rejects_get_the_new_maps_and_bigger_drop_c
     let _ebpf = lb_userspace::loader::load(&lb_userspace::loader::LoadOptions {
         bpffs: bpffs.path().to_path_buf(),
         conntrack_size: 1024,
+        maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
         reject_limit: lb_userspace::loader::RejectLimit::default(),
     })
     .expect("load over the older pins");

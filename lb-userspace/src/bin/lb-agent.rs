@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    dataplane::{self, bpf::BpfMaps, Writer},
+    dataplane::{self, bpf::BpfMaps, maglev::TableSize, Writer},
     health::{self, Health},
     loader,
     metrics::Metrics,
@@ -100,6 +100,10 @@ struct Args {
         value_parser = clap::value_parser!(u32).range(0..=lb_userspace::loader::RejectLimit::MAX as i64)
     )]
     reject_rate: u32,
+    /// Slots per Maglev lookup table (a prime in 31..=65521). Each Maglev frontend costs about
+    /// 4 bytes per slot; backends of one frontend get within about N/M of an even share.
+    #[arg(long, value_name = "M", default_value_t = TableSize::default(), env = "LB_MAGLEV_TABLE_SIZE")]
+    maglev_table_size: TableSize,
     /// How often the manifests directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
@@ -221,6 +225,7 @@ fn run(args: Args) -> Result<()> {
         bpffs: args.bpffs.clone(),
         conntrack_size: args.conntrack_size,
         reject_limit: loader::RejectLimit::per_second(args.reject_rate),
+        maglev_table_size: args.maglev_table_size.get(),
     })?;
     let copied = upgrade.before_attach(&args.bpffs)?;
     // Pinned links (shared with lb-cni), --iface, and pod interfaces as they appear.
@@ -246,7 +251,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
-    let mut writer = Writer::adopt(&maps)?;
+    let mut writer = Writer::adopt_with_table_size(&maps, args.maglev_table_size)?;
     info!(
         frontends = writer.frontend_count(),
         backends = writer.backend_count(),

@@ -7,7 +7,9 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use lb_common::{
-    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters,
+    maglev::{MaglevChunk, MaglevKey},
+    map_names, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+    TrafficCounters,
 };
 
 use super::{Dataplane, Error, Result, StatsOf};
@@ -21,6 +23,7 @@ pub struct BpfMaps {
     pub frontend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
     pub backend_stats: PerCpuHashMap<MapData, u32, TrafficCounters>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub maglev: HashMap<MapData, MaglevKey, MaglevChunk>,
     /// Possible CPUs: a per-CPU value has one slot each.
     nr_cpus: usize,
 }
@@ -65,6 +68,7 @@ impl BpfMaps {
                 let data = MapData::from_pin(dir.join(name)).map_err(map_err("open pin", name))?;
                 LpmTrie::try_from(Map::LpmTrie(data)).map_err(map_err("open", name))?
             },
+            maglev: open(dir, map_names::MAGLEV)?,
             nr_cpus: nr_cpus()?,
         })
     }
@@ -105,6 +109,7 @@ impl BpfMaps {
                     .map_err(map_err("take", name))?;
                 LpmTrie::try_from(map).map_err(map_err("open", name))?
             },
+            maglev: take(ebpf, map_names::MAGLEV)?,
             nr_cpus: nr_cpus()?,
         })
     }
@@ -189,6 +194,17 @@ impl Dataplane for BpfMaps {
     }
     fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
         tolerate_missing(self.rev_nat.remove(&id)).map_err(map_err("delete", map_names::REV_NAT))
+    }
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>> {
+        collect(&self.maglev, map_names::MAGLEV)
+    }
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()> {
+        self.maglev
+            .insert(key, value, 0)
+            .map_err(map_err("insert", map_names::MAGLEV))
+    }
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()> {
+        tolerate_missing(self.maglev.remove(&key)).map_err(map_err("delete", map_names::MAGLEV))
     }
     fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>> {
         let mut out = Vec::new();

@@ -1,11 +1,14 @@
 //! An in-memory dataplane for tests. After every operation it checks what a packet could observe
 //! at that instant: every master's slots `1..=count` exist and name existing backends, and every
-//! master's rev-NAT entry exists. A writer that breaks make-before-break fails here.
+//! master's rev-NAT entry exists, and every master flagged Maglev has a complete table whose
+//! entries name existing backends. A writer that breaks make-before-break fails here.
 use std::collections::BTreeMap;
 
 use ipnet::Ipv4Net;
 use lb_common::{
-    service::SVC_FLAG_SOURCE_RANGES, BackendValue, RevNatValue, ServiceKey, ServiceValue,
+    maglev::{chunks, MaglevChunk, MaglevKey, CHUNK_SLOTS},
+    service::{SVC_FLAG_MAGLEV, SVC_FLAG_SOURCE_RANGES},
+    BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
 
 use super::{Dataplane, Error, Result, StatsOf};
@@ -15,6 +18,7 @@ pub struct FakeMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u16, RevNatValue>,
+    pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
     /// Whose zeroed counters exist.
     pub stats: std::collections::BTreeSet<StatsOf>,
     /// Source-range entries: (rev_nat_id, range).
@@ -65,6 +69,51 @@ impl FakeMaps {
                     return Err(Error::Fake(format!(
                         "{key:?}: slot {slot} names missing backend {}",
                         v.backend_id
+                    )));
+                }
+            }
+            if master.flags & SVC_FLAG_MAGLEV != 0 && master.count > 0 {
+                self.check_maglev(key, master.rev_nat_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A Maglev frontend's table: every chunk present, every slot naming an existing backend.
+    /// While a table is rebuilt for another size (the agent restarted with a new
+    /// `--maglev-table-size`), chunks of both sizes coexist; the kernel ignores chunks of the
+    /// wrong size and missing ones (random fallback), so then only the backend ids are checked.
+    fn check_maglev(&self, key: &ServiceKey, table: u16) -> Result<()> {
+        let chunks_of: Vec<(&MaglevKey, &MaglevChunk)> = self
+            .maglev
+            .iter()
+            .filter(|(k, _)| k.table == table)
+            .collect();
+        let sizes: std::collections::BTreeSet<u32> =
+            chunks_of.iter().map(|(_, c)| c.table_size).collect();
+        let Some(&m) = sizes.first() else {
+            return Err(Error::Fake(format!(
+                "{key:?}: Maglev table {table} missing"
+            )));
+        };
+        if sizes.len() == 1 {
+            for c in 0..chunks(m) as u16 {
+                if !self.maglev.contains_key(&MaglevKey { table, chunk: c }) {
+                    return Err(Error::Fake(format!(
+                        "{key:?}: Maglev chunk {table}/{c} missing"
+                    )));
+                }
+            }
+        }
+        for (k, chunk) in chunks_of {
+            let used = (chunk.table_size as usize)
+                .saturating_sub(k.chunk as usize * CHUNK_SLOTS)
+                .min(CHUNK_SLOTS);
+            for &id in &chunk.backend_ids[..used] {
+                if !self.backends.contains_key(&id) {
+                    return Err(Error::Fake(format!(
+                        "{key:?}: Maglev chunk {table}/{} names missing backend {id}",
+                        k.chunk
                     )));
                 }
             }
@@ -131,5 +180,16 @@ impl Dataplane for FakeMaps {
     fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()> {
         self.source_ranges.remove(&(rev_nat_id, range));
         self.after(format!("delete source range {rev_nat_id} {range}"))
+    }
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>> {
+        Ok(self.maglev.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()> {
+        self.maglev.insert(key, value);
+        self.after(format!("put maglev {}/{}", key.table, key.chunk))
+    }
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()> {
+        self.maglev.remove(&key);
+        self.after(format!("delete maglev {}/{}", key.table, key.chunk))
     }
 }

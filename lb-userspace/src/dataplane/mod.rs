@@ -7,6 +7,7 @@
 //! in memory and checks the ordering invariants after every single operation.
 pub mod bpf;
 pub mod fake;
+pub mod maglev;
 mod writer;
 
 use std::{
@@ -16,15 +17,16 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net};
 use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
     service::{
         BACKEND_FLAG_LOCAL, SCOPE_EXTERNAL, SCOPE_INTERNAL, SVC_FLAG_CLUSTER_IP,
-        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MASQUERADE, SVC_FLAG_REJECT_EMPTY,
-        SVC_FLAG_SOURCE_RANGES,
+        SVC_FLAG_EXTERNAL_FE, SVC_FLAG_LOCAL_BACKENDS, SVC_FLAG_MAGLEV, SVC_FLAG_MASQUERADE,
+        SVC_FLAG_REJECT_EMPTY, SVC_FLAG_SOURCE_RANGES,
     },
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
 
-use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, WhenEmpty};
+use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, Scheduler, WhenEmpty};
 pub use writer::{ApplyStats, Writer};
 
 /// A frontend as the maps see it: address, port, protocol and the traffic it serves
@@ -156,7 +158,8 @@ pub type Desired = BTreeMap<FrontendAddr, DesiredFrontend>;
 /// set as kube-proxy does); NodePort, LoadBalancer and externalIP frontends also get an external
 /// entry with the backends traffic from outside may use ([`Origin::External`]: local ones only
 /// under eTP=Local) and the masquerade flag. IPv6 and SCTP wait for their own data path (the
-/// model already warned about SCTP).
+/// model already warned about SCTP). [`SVC_FLAG_MAGLEV`] follows the Service's scheduler for
+/// each scope (by default Maglev for the external entry, random for the internal one).
 pub fn desired(model: &Model) -> Desired {
     let mut out = Desired::new();
     for sp in model.service_ports.values() {
@@ -259,6 +262,13 @@ pub fn desired(model: &Model) -> Desired {
             } else {
                 SVC_FLAG_SOURCE_RANGES
             };
+            let maglev_flag = |origin| {
+                if sp.scheduler_for(origin) == Scheduler::Maglev {
+                    SVC_FLAG_MAGLEV
+                } else {
+                    0
+                }
+            };
             let internal = sp.traffic(fe, Origin::Pod);
             let empty_flag = |t: &crate::model::Traffic| {
                 if t.when_empty == WhenEmpty::Reject {
@@ -273,7 +283,7 @@ pub fn desired(model: &Model) -> Desired {
                     source_ranges: source_ranges.clone(),
                     ..entry(
                         backends_of(internal.backends),
-                        kind_flag | empty_flag(&internal) | range_flag,
+                        kind_flag | empty_flag(&internal) | range_flag | maglev_flag(Origin::Pod),
                     )
                 },
             );
@@ -290,7 +300,11 @@ pub fn desired(model: &Model) -> Desired {
                         source_ranges,
                         ..entry(
                             backends_of(external.backends),
-                            kind_flag | masquerade | empty_flag(&external) | range_flag,
+                            kind_flag
+                                | masquerade
+                                | empty_flag(&external)
+                                | range_flag
+                                | maglev_flag(Origin::External),
                         )
                     },
                 );
@@ -334,6 +348,10 @@ pub trait Dataplane {
     fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>>;
     fn put_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()>;
     fn delete_source_range(&mut self, rev_nat_id: u16, range: Ipv4Net) -> Result<()>;
+    /// Every chunk of every Maglev table.
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>>;
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()>;
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()>;
 }
 
 /// Whose counters.

@@ -2,11 +2,20 @@
 //!
 //! Order of one apply:
 //! 1. insert backends that are new;
-//! 2. for every new or changed frontend: its rev-NAT entry, then its slots `1..=n`, then its
-//!    master entry with count `n` (so the master never names a slot that is not written yet);
-//! 3. only then delete what is no longer needed: slots past the new count, whole frontends that
-//!    went away (master first, so lookups stop before the slots vanish), their rev-NAT entries,
-//!    and finally backends no frontend references.
+//! 2. for every new or changed frontend: its rev-NAT entry, then its slots `1..=n`, then the
+//!    chunks of its Maglev table that differ from what the map holds, then its master entry with
+//!    count `n` and its flags (so the master never names a slot or a table that is not written
+//!    yet);
+//! 3. only then delete what is no longer needed: slots past the new count and Maglev chunks the
+//!    frontend no longer has, whole frontends that went away (master first, so lookups stop
+//!    before the slots and tables vanish), their rev-NAT entries, and finally backends no
+//!    frontend references.
+//!
+//! A Maglev table is rewritten in place, chunk by chunk, and only the chunks whose content
+//! changed: a backend change rewrites the chunks holding the ~M/N slots that moved. Each chunk
+//! write replaces the whole 64-slot value at once, and every id in old and new chunks names a
+//! backend that exists throughout (new backends are inserted first, orphans deleted last), so a
+//! packet racing the update lands on an old or a new choice, never on nothing.
 //!
 //! Source ranges (loadBalancerSourceRanges) follow the same rule: a frontend's new ranges are
 //! written before its master (which carries `SVC_FLAG_SOURCE_RANGES`), ranges it no longer has
@@ -19,9 +28,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use ipnet::Ipv4Net;
-use lb_common::{service::BACKEND_FLAG_TERMINATING, ServiceKey, ServiceValue};
+use lb_common::{
+    maglev::{MaglevChunk, MaglevKey},
+    service::{BACKEND_FLAG_TERMINATING, SVC_FLAG_MAGLEV},
+    ServiceKey, ServiceValue,
+};
 
-use super::{BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf};
+use super::{
+    maglev::{self, TableSize},
+    BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf,
+};
 
 /// What the writer believes one frontend holds in the maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +50,8 @@ struct Programmed {
     affinity: (u32, u16),
     /// Source-range entries under `rev_nat_id`.
     source_ranges: BTreeSet<Ipv4Net>,
+    /// The chunks of its Maglev table, by chunk number (empty without one).
+    maglev: BTreeMap<u16, MaglevChunk>,
 }
 
 /// Counts of map operations, for logs and tests.
@@ -45,6 +63,8 @@ pub struct ApplyStats {
     pub backends_removed: usize,
     pub map_writes: usize,
     pub map_deletes: usize,
+    /// Maglev chunks written (included in `map_writes`).
+    pub maglev_chunk_writes: usize,
 }
 
 /// Keeps the maps equal to the desired state. Adopts whatever a previous agent left in the maps.
@@ -64,6 +84,9 @@ pub struct Writer {
     /// Next id to try; ids are handed out round-robin so a freed id is not reused at once.
     next_backend_id: u32,
     next_rev_nat_id: u16,
+    maglev_size: TableSize,
+    /// Maglev chunks found at adoption whose table no master names.
+    stray_chunks: Vec<MaglevKey>,
 }
 
 const MAX_BACKEND_ID: u32 = lb_common::map_sizes::BACKENDS;
@@ -75,6 +98,12 @@ impl Writer {
     /// Reads the maps and takes over what is there, so that a restart reconciles instead of
     /// flushing: existing ids stay the same and established flows keep their entries.
     pub fn adopt(dp: &impl Dataplane) -> Result<Self> {
+        Self::adopt_with_table_size(dp, TableSize::default())
+    }
+
+    /// As [`Writer::adopt`], building Maglev tables of `maglev_size` slots. Tables of another
+    /// size found in the maps are rewritten by the next apply.
+    pub fn adopt_with_table_size(dp: &impl Dataplane, maglev_size: TableSize) -> Result<Self> {
         let mut backend_ids = HashMap::new();
         let mut terminating_ids = HashSet::new();
         let mut max_backend = 0;
@@ -92,6 +121,13 @@ impl Writer {
             .filter(|(k, _)| k.slot != 0)
             .map(|(k, v)| ((FrontendAddr::from_key(k), k.slot), v.backend_id))
             .collect();
+        let mut tables: BTreeMap<u16, BTreeMap<u16, MaglevChunk>> = BTreeMap::new();
+        for (key, chunk) in dp.maglev_chunks()? {
+            tables
+                .entry(key.table)
+                .or_default()
+                .insert(key.chunk, chunk);
+        }
         let mut max_rev_nat = 0;
         for (key, master) in services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = FrontendAddr::from_key(key);
@@ -107,9 +143,18 @@ impl Writer {
                     slots,
                     affinity: (master.affinity_timeout, master.affinity_group),
                     source_ranges: BTreeSet::new(),
+                    maglev: tables.remove(&master.rev_nat_id).unwrap_or_default(),
                 },
             );
         }
+        let stray_chunks = tables
+            .into_iter()
+            .flat_map(|(table, chunks)| {
+                chunks
+                    .into_keys()
+                    .map(move |chunk| MaglevKey { table, chunk })
+            })
+            .collect();
         let mut stray_ranges = Vec::new();
         {
             let by_rev_nat: HashMap<u16, FrontendAddr> = frontends
@@ -145,6 +190,8 @@ impl Writer {
             stray_ranges,
             next_backend_id: max_backend % MAX_BACKEND_ID + 1,
             next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
+            maglev_size,
+            stray_chunks,
         };
         // Slots past a master's count, or of frontends without a master, are leftovers of an
         // interrupted apply: the next apply deletes those it does not rewrite.
@@ -178,7 +225,7 @@ impl Writer {
     pub fn apply(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
         let result = self.apply_once(dp, desired);
         if result.is_err() {
-            if let Ok(actual) = Writer::adopt(dp) {
+            if let Ok(actual) = Writer::adopt_with_table_size(dp, self.maglev_size) {
                 *self = actual;
             }
         }
@@ -272,12 +319,18 @@ impl Writer {
             // to id 0: no affinity then, rather than a shared wrong one.
             let affinity = if affinity.1 == 0 { (0, 0) } else { affinity };
             let ranges: BTreeSet<Ipv4Net> = want.source_ranges.iter().map(|r| r.trunc()).collect();
+            let table = if want.flags & SVC_FLAG_MAGLEV != 0 {
+                maglev::chunks_for(&want.backends, self.maglev_size, |b| self.backend_ids[b])
+            } else {
+                BTreeMap::new()
+            };
             let old = self.frontends.get(fe).cloned();
             if old.as_ref().is_some_and(|o| {
                 o.slots == slots
                     && o.flags == want.flags
                     && o.affinity == affinity
                     && o.source_ranges == ranges
+                    && o.maglev == table
             }) {
                 continue;
             }
@@ -304,6 +357,21 @@ impl Writer {
                     stats.map_writes += 1;
                 }
             }
+            let old_table = old.as_ref().map(|o| &o.maglev);
+            // Highest chunk first: when the table size grows, the chunks past the old end exist
+            // before chunk 0 takes the new size, so a table whose chunks all have one size is
+            // always complete (the kernel ignores chunks of another size).
+            for (&chunk, value) in table.iter().rev() {
+                if old_table.and_then(|t| t.get(&chunk)) != Some(value) {
+                    let key = MaglevKey {
+                        table: rev_nat_id,
+                        chunk,
+                    };
+                    dp.put_maglev_chunk(key, *value)?;
+                    stats.map_writes += 1;
+                    stats.maglev_chunk_writes += 1;
+                }
+            }
             let master = ServiceValue {
                 backend_id: 0,
                 count: slots.len() as u16,
@@ -323,6 +391,17 @@ impl Writer {
                 dp.delete_source_range(rev_nat_id, *range)?;
                 stats.map_deletes += 1;
             }
+            // Chunks of a table the frontend no longer has (Maglev turned off, no backends
+            // left, or a smaller table size).
+            for &chunk in old_table.into_iter().flat_map(|t| t.keys()) {
+                if !table.contains_key(&chunk) {
+                    dp.delete_maglev_chunk(MaglevKey {
+                        table: rev_nat_id,
+                        chunk,
+                    })?;
+                    stats.map_deletes += 1;
+                }
+            }
             stats.frontends_changed += 1;
             self.frontends.insert(
                 *fe,
@@ -332,6 +411,7 @@ impl Writer {
                     slots,
                     affinity,
                     source_ranges: ranges,
+                    maglev: table,
                 },
             );
             self.new_rev_nat.remove(fe);
@@ -354,10 +434,16 @@ impl Writer {
                 dp.delete_source_range(p.rev_nat_id, *range)?;
                 stats.map_deletes += 1;
             }
+            for &chunk in p.maglev.keys() {
+                dp.delete_maglev_chunk(MaglevKey {
+                    table: p.rev_nat_id,
+                    chunk,
+                })?;
+            }
             dp.delete_rev_nat(p.rev_nat_id)?;
             dp.delete_stats(StatsOf::Frontend(p.rev_nat_id))?;
             self.used_rev_nat_ids.remove(&p.rev_nat_id);
-            stats.map_deletes += 2 + p.slots.len();
+            stats.map_deletes += 2 + p.slots.len() + p.maglev.len();
             stats.frontends_removed += 1;
         }
         for key in std::mem::take(&mut self.stray_slots) {
@@ -368,6 +454,18 @@ impl Writer {
                 .is_some_and(|p| (key.slot as usize) <= p.slots.len());
             if !still_used {
                 dp.delete_service(key)?;
+                stats.map_deletes += 1;
+            }
+        }
+
+        for key in std::mem::take(&mut self.stray_chunks) {
+            // A table whose rev_nat id a frontend has taken since is that frontend's now.
+            let taken = self
+                .frontends
+                .values()
+                .any(|p| p.rev_nat_id == key.table && p.maglev.contains_key(&key.chunk));
+            if !taken {
+                dp.delete_maglev_chunk(key)?;
                 stats.map_deletes += 1;
             }
         }

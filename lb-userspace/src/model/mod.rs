@@ -191,6 +191,36 @@ pub struct Traffic<'a> {
     pub when_empty: WhenEmpty,
 }
 
+/// How new flows of a frontend pick among its backends (annotation [`SCHEDULER_ANNOTATION`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scheduler {
+    /// Maglev consistent hashing of the flow's 5-tuple: the same tuple gets the same backend on
+    /// every node, and a backend change moves about 1/N of flows.
+    Maglev,
+    /// A uniformly random backend per new flow.
+    Random,
+}
+
+/// The Service annotation that chooses the scheduler: `maglev` or `random`.
+pub const SCHEDULER_ANNOTATION: &str = "lb.io/scheduler";
+
+impl Scheduler {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim() {
+            "maglev" => Some(Self::Maglev),
+            "random" => Some(Self::Random),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::Random => "random",
+        }
+    }
+}
+
 /// ClientIP session affinity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Affinity {
@@ -218,6 +248,9 @@ pub struct ServicePort {
     /// internalTrafficPolicy=Local.
     pub internal_policy_local: bool,
     pub affinity: Option<Affinity>,
+    /// The scheduler the Service's annotation asks for; `None` means the defaults: Maglev for
+    /// traffic from outside the node, random for traffic from this node's pods.
+    pub scheduler: Option<Scheduler>,
     /// Sources allowed to reach LoadBalancer frontends; empty means everyone. Holds the Service's
     /// loadBalancerSourceRanges of this family plus the node's own addresses.
     pub lb_source_ranges: Vec<IpNet>,
@@ -233,6 +266,14 @@ pub struct HealthCheck {
 }
 
 impl ServicePort {
+    /// The scheduler of new flows from `origin` (see [`ServicePort::scheduler`]).
+    pub fn scheduler_for(&self, origin: Origin) -> Scheduler {
+        self.scheduler.unwrap_or(match origin {
+            Origin::External => Scheduler::Maglev,
+            Origin::Pod | Origin::HostProcess => Scheduler::Random,
+        })
+    }
+
     /// Which backends a new flow on `frontend` from `origin` may use, whether it is masqueraded,
     /// and what happens when there are none.
     pub fn traffic(&self, frontend: &Frontend, origin: Origin) -> Traffic<'_> {

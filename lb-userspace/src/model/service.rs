@@ -10,7 +10,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::{
     endpoints, names, serves, warn, Affinity, Config, Frontend, FrontendKind, HealthCheck,
-    IpFamily, Model, Protocol, ServicePort, ServicePortId, Warning, DEFAULT_AFFINITY_TIMEOUT,
+    IpFamily, Model, Protocol, Scheduler, ServicePort, ServicePortId, Warning,
+    DEFAULT_AFFINITY_TIMEOUT, SCHEDULER_ANNOTATION,
 };
 use crate::sources::Objects;
 
@@ -275,6 +276,28 @@ fn add_service(
         }
     };
 
+    let scheduler = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SCHEDULER_ANNOTATION))
+    {
+        None => None,
+        Some(raw) => match Scheduler::parse(raw) {
+            Some(s) => Some(s),
+            None => {
+                warnings.push(warn(
+                    object,
+                    &format!("metadata.annotations[{SCHEDULER_ANNOTATION}]"),
+                    format!(
+                        "unknown scheduler {raw:?} (expected maglev or random); the defaults are used (maglev for external traffic, random for pods)"
+                    ),
+                ));
+                None
+            }
+        },
+    };
+
     let mut source_ranges = Vec::new();
     for (i, raw) in spec
         .load_balancer_source_ranges
@@ -488,6 +511,7 @@ fn add_service(
                     external_policy_local,
                     internal_policy_local: itp_local,
                     affinity,
+                    scheduler,
                     lb_source_ranges,
                     health_check,
                 },

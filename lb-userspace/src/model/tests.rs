@@ -1231,3 +1231,69 @@ fn local_only_slots_are_flagged_for_affinity() {
         );
     }
 }
+
+// ---- scheduler (lb.io/scheduler) ------------------------------------------------------------
+
+fn with_scheduler(value: &str) -> String {
+    svc("  type: NodePort", &[REMOTE_READY]).replacen(
+        "metadata: {name: s, namespace: d}",
+        &format!(
+            "metadata: {{name: s, namespace: d, annotations: {{lb.io/scheduler: '{value}'}}}}"
+        ),
+        1,
+    )
+}
+
+/// (internal entries flagged Maglev, external entries flagged Maglev) of the desired maps.
+fn maglev_scopes(m: &Model) -> (Vec<bool>, Vec<bool>) {
+    let desired = crate::dataplane::desired(m);
+    let flagged = |scope| {
+        desired
+            .iter()
+            .filter(|(fe, _)| fe.scope == scope)
+            .map(|(_, d)| d.flags & lb_common::service::SVC_FLAG_MAGLEV != 0)
+            .collect::<Vec<_>>()
+    };
+    (
+        flagged(lb_common::service::SCOPE_INTERNAL),
+        flagged(lb_common::service::SCOPE_EXTERNAL),
+    )
+}
+
+#[test]
+fn scheduler_defaults_to_maglev_for_external_traffic_and_random_for_pods() {
+    let (m, w) = model_of(&svc("  type: NodePort", &[REMOTE_READY]), &cfg());
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(v4(&m).scheduler, None);
+    assert_eq!(v4(&m).scheduler_for(Origin::External), Scheduler::Maglev);
+    assert_eq!(v4(&m).scheduler_for(Origin::Pod), Scheduler::Random);
+    let (internal, external) = maglev_scopes(&m);
+    assert_eq!(internal, [false, false], "ClusterIP and NodePort, pod side");
+    assert_eq!(external, [true], "NodePort from outside");
+}
+
+#[test]
+fn scheduler_annotation_applies_to_both_scopes() {
+    let (m, w) = model_of(&with_scheduler("maglev"), &cfg());
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(v4(&m).scheduler, Some(Scheduler::Maglev));
+    assert_eq!(maglev_scopes(&m), (vec![true, true], vec![true]));
+
+    let (m, w) = model_of(&with_scheduler("random"), &cfg());
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(maglev_scopes(&m), (vec![false, false], vec![false]));
+}
+
+#[test]
+fn unknown_scheduler_is_reported_and_the_defaults_are_used() {
+    let (m, w) = model_of(&with_scheduler("round-robin"), &cfg());
+    assert!(
+        warned(
+            &w,
+            "Service d/s metadata.annotations[lb.io/scheduler]: unknown scheduler \"round-robin\""
+        ),
+        "{w:?}"
+    );
+    assert_eq!(v4(&m).scheduler, None);
+    assert_eq!(maglev_scopes(&m), (vec![false, false], vec![true]));
+}

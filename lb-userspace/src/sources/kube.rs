@@ -360,10 +360,16 @@ pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
     out
 }
 
-/// Keeps what identifies an object and the labels (service-name and proxy-name selection);
-/// drops managedFields, annotations, owner references and the rest.
+/// Keeps what identifies an object, the labels (service-name and proxy-name selection) and the
+/// annotations the model reads; drops managedFields, other annotations, owner references and
+/// the rest.
 fn trim_metadata(meta: &mut ObjectMeta) {
+    let annotations = meta.annotations.take().and_then(|mut all| {
+        all.retain(|k, _| k == crate::model::SCHEDULER_ANNOTATION);
+        (!all.is_empty()).then_some(all)
+    });
     *meta = ObjectMeta {
+        annotations,
         name: meta.name.take(),
         namespace: meta.namespace.take(),
         uid: meta.uid.take(),
@@ -458,6 +464,29 @@ mod tests {
                 "10.0.0.2".parse::<IpAddr>().unwrap(),
                 "203.0.113.7".parse().unwrap()
             ]
+        );
+    }
+
+    #[test]
+    fn service_keeps_only_the_scheduler_annotation() {
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web",
+                "namespace": "shop",
+                "annotations": {
+                    crate::model::SCHEDULER_ANNOTATION: "random",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...}"
+                }
+            }
+        }))
+        .unwrap();
+        trim_service(&mut svc);
+        assert_eq!(
+            svc.metadata.annotations,
+            Some(BTreeMap::from([(
+                crate::model::SCHEDULER_ANNOTATION.to_string(),
+                "random".to_string()
+            )]))
         );
     }
 }

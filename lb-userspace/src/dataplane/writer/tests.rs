@@ -1,5 +1,7 @@
 use std::net::Ipv4Addr;
 
+use lb_common::maglev::{MaglevChunk, MaglevKey};
+
 use super::*;
 use crate::dataplane::{fake::FakeMaps, DesiredFrontend};
 
@@ -276,6 +278,15 @@ impl crate::dataplane::Dataplane for FailingMaps {
     fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::Ipv4Net) -> Result<()> {
         self.inner.delete_source_range(rev_nat_id, range)
     }
+    fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>> {
+        self.inner.maglev_chunks()
+    }
+    fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()> {
+        self.inner.put_maglev_chunk(key, value)
+    }
+    fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()> {
+        self.inner.delete_maglev_chunk(key)
+    }
 }
 
 #[test]
@@ -514,4 +525,284 @@ fn adoption_keeps_source_ranges_and_deletes_those_of_no_frontend() {
     w.apply(&mut maps, &d).unwrap();
     assert_eq!(maps.log, ["delete source range 999 192.0.2.0/24"]);
     assert_eq!(maps.source_ranges.len(), 1);
+}
+
+// ---- Maglev tables ----------------------------------------------------------------------
+
+fn maglev_desired(entries: &[(FrontendAddr, &[u8], bool)]) -> Desired {
+    entries
+        .iter()
+        .map(|(f, bs, maglev)| {
+            (
+                *f,
+                DesiredFrontend {
+                    service_port: "ns/svc:p/TCP".into(),
+                    backends: bs.iter().map(|b| be(*b)).collect(),
+                    flags: if *maglev { SVC_FLAG_MAGLEV } else { 0 },
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
+/// The chunks of a frontend's table in the fake maps.
+fn table_of(maps: &FakeMaps, f: FrontendAddr) -> BTreeMap<u16, MaglevChunk> {
+    let table = maps.services[&f.key(0)].rev_nat_id;
+    maps.maglev
+        .iter()
+        .filter(|(k, _)| k.table == table)
+        .map(|(k, v)| (k.chunk, *v))
+        .collect()
+}
+
+/// The table the pure builder gives for these backends, with the ids the writer allocated.
+fn expected_table(maps: &FakeMaps, bs: &[u8], size: TableSize) -> BTreeMap<u16, MaglevChunk> {
+    let backends: Vec<BackendAddr> = bs.iter().map(|b| be(*b)).collect();
+    maglev::chunks_for(&backends, size, |b| {
+        *maps
+            .backends
+            .iter()
+            .find(|(_, v)| BackendAddr::from_value(v) == *b)
+            .expect("backend programmed")
+            .0
+    })
+}
+
+#[test]
+fn maglev_frontend_gets_its_whole_table_before_its_master() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    let stats = w
+        .apply(
+            &mut maps,
+            &maglev_desired(&[(fe(10, 80), &[1, 2, 3], true)]),
+        )
+        .unwrap();
+    assert_eq!(stats.maglev_chunk_writes, 16, "1021 slots in 16 chunks");
+    assert_eq!(
+        table_of(&maps, fe(10, 80)),
+        expected_table(&maps, &[1, 2, 3], TableSize::default())
+    );
+    let master_at = maps
+        .log
+        .iter()
+        .position(|l| l == "put service slot 0")
+        .unwrap();
+    let last_chunk_at = maps
+        .log
+        .iter()
+        .rposition(|l| l.starts_with("put maglev"))
+        .unwrap();
+    assert!(last_chunk_at < master_at, "{:?}", maps.log);
+    assert_eq!(
+        maps.services[&fe(10, 80).key(0)].flags & SVC_FLAG_MAGLEV,
+        SVC_FLAG_MAGLEV
+    );
+}
+
+#[test]
+fn random_frontends_have_no_table() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(
+        &mut maps,
+        &maglev_desired(&[(fe(10, 80), &[1, 2, 3], false)]),
+    )
+    .unwrap();
+    assert!(maps.maglev.is_empty());
+}
+
+#[test]
+fn maglev_table_is_rewritten_by_diff_only_where_it_changed() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(
+        &mut maps,
+        &maglev_desired(&[
+            (fe(10, 80), &[1, 2, 3, 4], true),
+            (fe(11, 80), &[5, 6], true),
+        ]),
+    )
+    .unwrap();
+    let before = table_of(&maps, fe(10, 80));
+    let other_before = table_of(&maps, fe(11, 80));
+    maps.log.clear();
+    // One backend of one frontend goes away.
+    let stats = w
+        .apply(
+            &mut maps,
+            &maglev_desired(&[(fe(10, 80), &[1, 2, 4], true), (fe(11, 80), &[5, 6], true)]),
+        )
+        .unwrap();
+    let after = table_of(&maps, fe(10, 80));
+    assert_eq!(
+        after,
+        expected_table(&maps, &[1, 2, 4], TableSize::default())
+    );
+    let changed = before
+        .iter()
+        .filter(|(c, v)| after.get(c) != Some(v))
+        .count();
+    assert_eq!(
+        stats.maglev_chunk_writes, changed,
+        "exactly the chunks that differ"
+    );
+    assert_eq!(
+        table_of(&maps, fe(11, 80)),
+        other_before,
+        "the other table is untouched"
+    );
+    // The removed backend is deleted last, after the table stopped naming it.
+    assert_eq!(
+        maps.log.last().map(String::as_str),
+        Some("delete backend 3")
+    );
+    // Slots that did not belong to the removed backend keep their backend.
+    let id3 = 3;
+    let kept = before
+        .values()
+        .zip(after.values())
+        .flat_map(|(b, a)| b.backend_ids.iter().zip(a.backend_ids.iter()))
+        .filter(|(b, _)| **b != id3 && **b != 0)
+        .filter(|(b, a)| b == a)
+        .count();
+    let survivors = before
+        .values()
+        .flat_map(|c| c.backend_ids.iter())
+        .filter(|b| **b != id3 && **b != 0)
+        .count();
+    assert!(
+        kept as f64 / survivors as f64 > 0.95,
+        "{kept} of {survivors} kept"
+    );
+
+    // The same state again writes nothing.
+    let stats = w
+        .apply(
+            &mut maps,
+            &maglev_desired(&[(fe(10, 80), &[1, 2, 4], true), (fe(11, 80), &[5, 6], true)]),
+        )
+        .unwrap();
+    assert_eq!(stats, ApplyStats::default());
+}
+
+#[test]
+fn switching_maglev_off_deletes_the_table_after_the_master() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[1, 2], true)]))
+        .unwrap();
+    maps.log.clear();
+    w.apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[1, 2], false)]))
+        .unwrap();
+    assert!(maps.maglev.is_empty());
+    assert_eq!(maps.log[0], "put service slot 0", "{:?}", maps.log);
+    assert!(maps.log[1..].iter().all(|l| l.starts_with("delete maglev")));
+    // And back on: the table is complete before the flag is set (the fake checks it).
+    w.apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[1, 2], true)]))
+        .unwrap();
+    assert_eq!(table_of(&maps, fe(10, 80)).len(), 16);
+}
+
+#[test]
+fn removed_or_emptied_maglev_frontend_loses_its_table() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(
+        &mut maps,
+        &maglev_desired(&[(fe(10, 80), &[1, 2], true), (fe(11, 80), &[3], true)]),
+    )
+    .unwrap();
+    w.apply(&mut maps, &maglev_desired(&[(fe(10, 80), &[], true)]))
+        .unwrap();
+    assert!(
+        maps.maglev.is_empty(),
+        "no backends: no table; frontend gone: no table"
+    );
+    assert_eq!(maps.services[&fe(10, 80).key(0)].count, 0);
+}
+
+#[test]
+fn restarted_writer_with_another_table_size_rebuilds_tables_and_drops_strays() {
+    let mut maps = FakeMaps::default();
+    let mut w = Writer::adopt(&maps).unwrap();
+    let d = maglev_desired(&[(fe(10, 80), &[1, 2, 3], true)]);
+    w.apply(&mut maps, &d).unwrap();
+    // A chunk of a table no master names (an interrupted apply).
+    maps.maglev.insert(
+        MaglevKey {
+            table: 999,
+            chunk: 3,
+        },
+        MaglevChunk::default(),
+    );
+
+    let same = Writer::adopt(&maps).unwrap().apply(&mut maps, &d).unwrap();
+    assert_eq!(same.maglev_chunk_writes, 0, "same size: adopted as is");
+    assert!(
+        !maps.maglev.keys().any(|k| k.table == 999),
+        "stray chunk deleted"
+    );
+
+    let size = TableSize::new(4093).unwrap();
+    let mut w = Writer::adopt_with_table_size(&maps, size).unwrap();
+    let stats = w.apply(&mut maps, &d).unwrap();
+    assert_eq!(stats.maglev_chunk_writes, 64, "4093 slots in 64 chunks");
+    assert_eq!(
+        table_of(&maps, fe(10, 80)),
+        expected_table(&maps, &[1, 2, 3], size)
+    );
+
+    // And back to a smaller size: the chunks past the new end are deleted.
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.apply(&mut maps, &d).unwrap();
+    assert_eq!(table_of(&maps, fe(10, 80)).len(), 16);
+}
+
+#[test]
+fn random_update_sequences_with_maglev_keep_every_table_complete() {
+    let mut seed: u64 = 0xbadc0de;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let mut maps = FakeMaps::default();
+    let size = TableSize::new(131).unwrap();
+    let mut w = Writer::adopt_with_table_size(&maps, size).unwrap();
+    for round in 0..200 {
+        let mut entries = Vec::new();
+        for f in 0..(next(5) as u8) {
+            let bs: Vec<u8> = (0..next(6))
+                .map(|_| next(12) as u8 + 1)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            entries.push((fe(f, 80), bs, next(2) == 0));
+        }
+        let d = maglev_desired(
+            &entries
+                .iter()
+                .map(|(f, b, m)| (*f, b.as_slice(), *m))
+                .collect::<Vec<_>>(),
+        );
+        w.apply(&mut maps, &d)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        for (f, bs, m) in &entries {
+            let want = if *m {
+                expected_table(&maps, bs, size)
+            } else {
+                BTreeMap::new()
+            };
+            assert_eq!(table_of(&maps, *f), want, "round {round}");
+        }
+        let tables: BTreeSet<u16> = maps.maglev.keys().map(|k| k.table).collect();
+        let expected = entries
+            .iter()
+            .filter(|(_, b, m)| *m && !b.is_empty())
+            .count();
+        assert_eq!(tables.len(), expected, "round {round}: no stale tables");
+    }
 }
