@@ -326,7 +326,7 @@ pub struct Pick {
 /// Step 3: the frontend's master entry in `scope`, then a random slot. `Err` carries the verdict
 /// when there is nothing to pick (not a frontend: pass; no backend: drop).
 #[inline(always)]
-fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
+pub fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
     let master_key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, scope, 0);
     // SAFETY: the value is copied out immediately.
     let master = match unsafe { SERVICES.get(master_key) } {

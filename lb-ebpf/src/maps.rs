@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
-    TrafficCounters, BPF_F_NO_PREALLOC,
+    map_sizes, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue, SockKey,
+    SockValue, TrafficCounters, BPF_F_NO_PREALLOC,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -20,6 +20,9 @@ pub static REV_NAT: HashMap<u16, RevNatValue> = HashMap::pinned(map_sizes::REV_N
 
 #[map(name = "LB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes::CONNTRACK, 0);
+
+#[map(name = "LB_SOCK")]
+pub static SOCK: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(map_sizes::SOCK, 0);
 
 #[map(name = "LB_FE_STATS")]
 pub static FRONTEND_STATS: PerCpuHashMap<u32, TrafficCounters> =

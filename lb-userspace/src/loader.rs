@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{
     map_names, program_names, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
-    TrafficCounters,
+    SockKey, SockValue, TrafficCounters,
 };
 
 /// The kernel object built by build.rs (lb-ebpf, binary `lb`).
@@ -156,7 +156,7 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-pub const PINNED_MAPS: [(&str, usize, usize); 7] = [
+pub const PINNED_MAPS: [(&str, usize, usize); 8] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -188,6 +188,11 @@ pub const PINNED_MAPS: [(&str, usize, usize); 7] = [
         size_of::<TrafficCounters>(),
     ),
     (map_names::DROPS, size_of::<u32>(), size_of::<u64>()),
+    (
+        map_names::SOCK,
+        size_of::<SockKey>(),
+        size_of::<SockValue>(),
+    ),
 ];
 
 /// Refuses to reuse pins whose layout differs from this build's: the kernel would accept them and

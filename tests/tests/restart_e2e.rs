@@ -63,7 +63,9 @@ impl Tally {
 /// The agent's command line as [`OneNode`] starts it.
 fn agent_command(manifests: &Path, bpffs: &Path, ifaces: &[String]) -> Command {
     let mut cmd = Command::new(agent_bin().unwrap());
-    cmd.arg("--manifests")
+    cmd.arg("--cgroup")
+        .arg(lb_tests::idle_cgroup())
+        .arg("--manifests")
         .arg(manifests)
         .args(["--node-name", NODE_NAME, "--poll-interval-ms", "100"])
         .arg("--bpffs")
