@@ -9,8 +9,8 @@
 //! <bpffs>/links-cgroup/getpeername4
 //! ```
 //!
-//! The links are attached with `BPF_F_ALLOW_MULTI`: programs of other tools on the same cgroup
-//! keep running, and two agents on nested cgroups both see a socket of the inner one (the inner
+//! A cgroup bpf_link always attaches as one of many (the kernel takes no flags for it, and
+//! behaves as with `BPF_F_ALLOW_MULTI`): programs of other tools on the same cgroup keep running, and two agents on nested cgroups both see a socket of the inner one (the inner
 //! one's programs run first; once they have translated the address, the outer ones find a
 //! backend, not a frontend, and leave it alone).
 use std::{
@@ -86,7 +86,9 @@ pub enum Error {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("pointing the pinned link {path} at the new program {name} (BPF_LINK_UPDATE): {source}")]
+    #[error(
+        "pointing the pinned link {path} at the new program {name} (BPF_LINK_UPDATE): {source}"
+    )]
     Update {
         name: &'static str,
         path: PathBuf,
@@ -193,7 +195,8 @@ pub fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<Outcom
         }
         outcome = Outcome::Attached;
         let id = prog
-            .attach(&dir, CgroupAttachMode::AllowMultiple)
+            // A link takes no attach flags; it is one of many by nature.
+            .attach(&dir, CgroupAttachMode::Single)
             .map_err(|source| Error::Attach {
                 name,
                 cgroup: cgroup.into(),
@@ -213,7 +216,9 @@ pub fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<Outcom
         })?;
     }
     match outcome {
-        Outcome::Attached => info!(cgroup = %cgroup.display(), "host-process socket hooks attached"),
+        Outcome::Attached => {
+            info!(cgroup = %cgroup.display(), "host-process socket hooks attached")
+        }
         Outcome::Adopted => info!(
             cgroup = %cgroup.display(),
             "host-process socket hooks of the previous agent now run this agent's programs"

@@ -140,8 +140,7 @@ pub fn destroy(sockets: &mut SockMap, stale: &[StaleSocket]) -> Result<usize> {
             match diag.destroy_udp4(&id) {
                 Ok(()) => destroyed += 1,
                 // Closed meanwhile.
-                Err(Error::Diag { source, .. })
-                    if source.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(Error::Diag { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -306,7 +305,7 @@ impl Diag {
                     }
                     _ => each(&msgs[16..len]),
                 }
-                msgs = &msgs[(len + 3) & !3..];
+                msgs = msgs.get((len + 3) & !3..).unwrap_or(&[]);
             }
         }
     }

@@ -10,9 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{
-    spawn_in, tcp_request, BpfFs, ChildGuard, EchoServer, Node, Pod, TestCgroup, RUN_DIR,
-};
+use crate::{spawn_in, tcp_request, BpfFs, ChildGuard, EchoServer, Node, Pod, TestCgroup, RUN_DIR};
 
 /// The client pod's address in [`OneNode`].
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);

@@ -154,8 +154,8 @@ impl CniNode {
         }
         let mut cmd = std::process::Command::new(agent_bin().expect("agent binary"));
         cmd.arg("--cgroup")
-        .arg(lb_tests::idle_cgroup())
-        .arg("--manifests")
+            .arg(lb_tests::idle_cgroup())
+            .arg("--manifests")
             .arg(&self.manifests.0)
             .args(["--node-name", NODE_NAME])
             .arg("--bpffs")

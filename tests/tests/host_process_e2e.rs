@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::{cluster::OneNode, Netns, TestCgroup, POD_GATEWAY};
+use lb_tests::{
+    cluster::{agent_bin, OneNode, NODE_NAME},
+    spawn_in, Netns, TestCgroup, POD_GATEWAY,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 /// A ClusterIP whose Service has no endpoints.
@@ -184,7 +187,11 @@ fn host_process_reaches_cluster_ip_over_tcp_and_udp_and_sees_the_frontend() {
     // Unconnected UDP: sendto the frontend, recvfrom reports the frontend.
     let answer = client.ok(&bed, &format!("udp-sendto {frontend}"));
     assert!(names.contains(&backend(&answer)), "{answer}");
-    assert_eq!(field(&answer, "from="), frontend, "recvfrom source: {answer}");
+    assert_eq!(
+        field(&answer, "from="),
+        frontend,
+        "recvfrom source: {answer}"
+    );
     // Later datagrams of that socket to the frontend stay on its backend.
     let first = backend(&answer);
     for _ in 0..5 {
@@ -197,7 +204,11 @@ fn host_process_reaches_cluster_ip_over_tcp_and_udp_and_sees_the_frontend() {
     assert_eq!(field(&answer, "peer="), frontend);
     let answer = client.ok(&bed, "udp-send");
     assert!(names.contains(&backend(&answer)), "{answer}");
-    assert_eq!(field(&answer, "from="), frontend, "recvfrom source: {answer}");
+    assert_eq!(
+        field(&answer, "from="),
+        frontend,
+        "recvfrom source: {answer}"
+    );
 }
 
 #[test]
@@ -213,7 +224,11 @@ fn host_process_reaches_a_node_port_on_the_node_address() {
 
     let answer = client.ok(&bed, &format!("udp-sendto {frontend}"));
     assert!(names.contains(&backend(&answer)), "{answer}");
-    assert_eq!(field(&answer, "from="), frontend, "recvfrom source: {answer}");
+    assert_eq!(
+        field(&answer, "from="),
+        frontend,
+        "recvfrom source: {answer}"
+    );
 }
 
 #[test]
@@ -262,9 +277,17 @@ fn connected_udp_socket_whose_backend_is_deleted_is_aborted_and_reconnects_to_a_
     // The application's next receive reports the abort; the socket is no longer connected, so
     // a send without an address is refused.
     let answer = client.ask("udp-recv");
-    assert_eq!(errno(&answer), Some(ECONNABORTED), "recv after deletion: {answer}");
+    assert_eq!(
+        errno(&answer),
+        Some(ECONNABORTED),
+        "recv after deletion: {answer}"
+    );
     let answer = client.ask("udp-send");
-    assert_eq!(errno(&answer), Some(EDESTADDRREQ), "send after the abort: {answer}");
+    assert_eq!(
+        errno(&answer),
+        Some(EDESTADDRREQ),
+        "send after the abort: {answer}"
+    );
     // Connecting again to the frontend gives a live backend.
     let answer = client.ok(&bed, &format!("udp-reconnect {frontend}"));
     assert_eq!(field(&answer, "peer="), frontend);
@@ -273,4 +296,71 @@ fn connected_udp_socket_whose_backend_is_deleted_is_aborted_and_reconnects_to_a_
         assert_eq!(backend(&answer), live_name, "{answer}");
         assert_eq!(field(&answer, "from="), frontend);
     }
+}
+
+#[test]
+fn socket_hooks_outlive_the_agent_are_adopted_on_restart_and_removed_by_cleanup() {
+    let mut bed = start("host-restart");
+    let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
+    let to = format!("tcp {}", SocketAddrV4::new(VIP, PORT));
+    client.ok(&bed, &to);
+
+    // Stopped with the default --on-exit keep: the pinned links keep translating.
+    assert!(bed.agent.stop().unwrap().success(), "{}", bed.agent.logs());
+    client.ok(&bed, &to);
+
+    // A new agent on the same cgroup and pins takes the links over.
+    let mut cmd = Command::new(agent_bin().unwrap());
+    cmd.arg("--cgroup")
+        .arg(bed.host_cgroup.path())
+        .arg("--manifests")
+        .arg(bed.manifests_dir())
+        .args(["--node-name", NODE_NAME, "--poll-interval-ms", "100"])
+        .arg("--bpffs")
+        .arg(bed.bpffs.path());
+    for iface in bed.node.pod_ifaces() {
+        cmd.args(["--iface", &iface]);
+    }
+    let mut second = spawn_in(&bed.node.ns, cmd, "host-restart2").unwrap();
+    second
+        .wait_for_log(
+            "host-process socket hooks of the previous agent now run this agent's programs",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    second
+        .wait_for_log("maps programmed", Duration::from_secs(20))
+        .unwrap();
+    client.ok(&bed, &to);
+    assert!(second.stop().unwrap().success(), "{}", second.logs());
+
+    // Cleanup removes the links: the ClusterIP is an unroutable address again.
+    let out = bed
+        .node
+        .ns
+        .run(|| {
+            Command::new(agent_bin().unwrap())
+                .arg("cleanup")
+                .arg("--bpffs")
+                .arg(bed.bpffs.path())
+                .output()
+        })
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("links-cgroup/connect4"), "{printed}");
+    // The kernel releases a link whose last reference went away from a work queue: wait for it.
+    let mut answer = client.ask(&to);
+    for _ in 0..50 {
+        if errno(&answer) == Some(ENETUNREACH) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        answer = client.ask(&to);
+    }
+    assert_eq!(errno(&answer), Some(ENETUNREACH), "after cleanup: {answer}");
 }
