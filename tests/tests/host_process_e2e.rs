@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::{Map, MapData, PerCpuHashMap};
+use lb_common::TrafficCounters;
 use lb_tests::{
     cluster::{agent_bin, OneNode, NODE_NAME},
     spawn_in, Netns, TestCgroup, POD_GATEWAY,
@@ -150,6 +152,22 @@ impl Drop for HostClient {
     }
 }
 
+/// The `new_flows` counters summed over every frontend and over every backend.
+fn new_flows(bed: &OneNode) -> (u64, u64) {
+    let read = |name: &str| -> u64 {
+        let data = MapData::from_pin(bed.bpffs.path().join(name)).unwrap();
+        let map: PerCpuHashMap<_, u32, TrafficCounters> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+        map.iter()
+            .map(|e| TrafficCounters::sum(e.unwrap().1.iter()).new_flows)
+            .sum()
+    };
+    (
+        read(lb_common::map_names::FRONTEND_STATS),
+        read(lb_common::map_names::BACKEND_STATS),
+    )
+}
+
 /// The errno of a failed answer ("err <errno> <message>").
 fn errno(answer: &str) -> Option<i32> {
     answer.strip_prefix("err ")?.split(' ').next()?.parse().ok()
@@ -175,6 +193,7 @@ fn host_process_reaches_cluster_ip_over_tcp_and_udp_and_sees_the_frontend() {
     let frontend = SocketAddrV4::new(VIP, PORT).to_string();
     let names: BTreeSet<String> = backends().iter().map(|b| b.0.to_string()).collect();
 
+    let flows_before = new_flows(&bed);
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
         let answer = client.ok(&bed, &format!("tcp {frontend}"));
@@ -183,6 +202,16 @@ fn host_process_reaches_cluster_ip_over_tcp_and_udp_and_sees_the_frontend() {
         seen.insert(backend(&answer));
     }
     assert_eq!(seen, names, "20 TCP connections used both backends");
+    // Each connect is one new flow of its frontend and of its backend.
+    let flows_after = new_flows(&bed);
+    assert_eq!(
+        (
+            flows_after.0 - flows_before.0,
+            flows_after.1 - flows_before.1
+        ),
+        (20, 20),
+        "new flows counted (frontends, backends)"
+    );
 
     // Unconnected UDP: sendto the frontend, recvfrom reports the frontend.
     let answer = client.ok(&bed, &format!("udp-sendto {frontend}"));
