@@ -153,8 +153,8 @@ fn assign(ctx: &SockAddrContext, t: &Target, pick: &Pick) {
             rev_nat_id: pick.rev_nat_id,
         };
         let _ = SOCK.insert(
-            &key(t.cookie, t.addr, t.port, t.proto, SOCK_DIR_FORWARD),
-            &forward,
+            key(t.cookie, t.addr, t.port, t.proto, SOCK_DIR_FORWARD),
+            forward,
             BPF_ANY as u64,
         );
     }
@@ -165,14 +165,14 @@ fn assign(ctx: &SockAddrContext, t: &Target, pick: &Pick) {
         rev_nat_id: pick.rev_nat_id,
     };
     let _ = SOCK.insert(
-        &key(
+        key(
             t.cookie,
             backend.addr,
             backend.port,
             t.proto,
             SOCK_DIR_REVERSE,
         ),
-        &reverse,
+        reverse,
         BPF_ANY as u64,
     );
     count_new_flow(pick.rev_nat_id, pick.backend_id);
@@ -215,9 +215,9 @@ pub fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
     };
     let fwd = key(t.cookie, t.addr, t.port, t.proto, SOCK_DIR_FORWARD);
     // SAFETY: copied out immediately.
-    if let Some(v) = unsafe { SOCK.get(&fwd) }.copied() {
+    if let Some(v) = unsafe { SOCK.get(fwd) }.copied() {
         // SAFETY: only read.
-        let alive = unsafe { BACKENDS.get(&v.backend_id) }
+        let alive = unsafe { BACKENDS.get(v.backend_id) }
             .is_some_and(|b| b.addr == v.addr && b.port == v.port);
         if alive {
             rewrite(&ctx, v.addr, v.port);
@@ -241,7 +241,7 @@ fn restore(ctx: &SockAddrContext) {
     let Some(t) = target(ctx) else { return };
     let rev = key(t.cookie, t.addr, t.port, t.proto, SOCK_DIR_REVERSE);
     // SAFETY: copied out immediately.
-    if let Some(v) = unsafe { SOCK.get(&rev) }.copied() {
+    if let Some(v) = unsafe { SOCK.get(rev) }.copied() {
         rewrite(ctx, v.addr, v.port);
     }
 }

@@ -102,13 +102,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// which is the visible one when several are stacked (in a container, the host's `/sys/fs/cgroup`
 /// mounted over the runtime's own view of the container's cgroup).
 pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .last()
+    mounts.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+    })
 }
 
 /// The cgroup2 mount point of this machine: where the hooks go without `--cgroup`.

@@ -91,7 +91,7 @@ pub fn find_stale(
             continue;
         }
         let fe = (v.addr, v.port);
-        if !slots.contains_key(&fe) {
+        let ids = slots.entry(fe).or_insert_with(|| {
             let mut ids = BTreeSet::new();
             let master = ServiceKey::new(v.addr, v.port, proto::UDP, SCOPE_INTERNAL, 0);
             if let Ok(m) = services.get(&master, 0) {
@@ -102,9 +102,9 @@ pub fn find_stale(
                     }
                 }
             }
-            slots.insert(fe, ids);
-        }
-        let listed = slots[&fe].contains(&v.backend_id);
+            ids
+        });
+        let listed = ids.contains(&v.backend_id);
         let same_backend = backends
             .get(&v.backend_id, 0)
             .is_ok_and(|b| b.addr == k.addr && b.port == k.port);
