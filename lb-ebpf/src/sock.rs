@@ -1,11 +1,11 @@
 //! Host processes: cgroup v2 sock_addr hooks for sockets of processes in the node's own network
-//! namespace (below the agent's `--cgroup`). Instead of translating packets, they translate the
+//! namespace (below the agent's `--cgroup`; sockets of other namespaces are left alone). Instead of translating packets, they translate the
 //! address a socket is connected or sending to, once, with the same service lookup and backend
 //! choice as the packet path ([`crate::lb::select`]); recvmsg4 and getpeername4 put the frontend
 //! back where the application reads addresses. The map layout is in [`lb_common::sock`].
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext,
@@ -31,6 +31,13 @@ const REFUSE: i32 = 0;
 /// reject rule (ICMP port unreachable).
 const ECONNREFUSED: i32 = 111;
 const AF_INET: u32 = 2;
+
+/// The network namespace the hooks serve: the agent's (the node's), set by the loader
+/// (`SO_NETNS_COOKIE` of the agent's namespace). A cgroup reaches processes in every namespace,
+/// pods included; their sockets are left alone here and their packets are served by tc. Zero
+/// (the loader could not read the cookie, kernels before 5.14) serves every namespace.
+#[no_mangle]
+static HOST_NETNS_COOKIE: u64 = 0;
 
 /// The fields of the context the hooks use, read once.
 struct Target {
@@ -60,6 +67,13 @@ fn target(ctx: &SockAddrContext) -> Option<Target> {
         _ => return None,
     };
     if family != AF_INET {
+        return None;
+    }
+    // SAFETY: a volatile read of a global the loader may have rewritten; it must not be folded
+    // to its initial value.
+    let host = unsafe { core::ptr::read_volatile(&HOST_NETNS_COOKIE) };
+    // SAFETY: bpf_get_netns_cookie accepts a sock_addr context.
+    if host != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != host {
         return None;
     }
     Some(Target {

@@ -10,8 +10,8 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
-use lb_common::TrafficCounters;
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use lb_common::{SockKey, SockValue, TrafficCounters};
 use lb_tests::{
     cluster::{agent_bin, OneNode, NODE_NAME},
     spawn_in, Netns, TestCgroup, POD_GATEWAY,
@@ -166,6 +166,13 @@ fn new_flows(bed: &OneNode) -> (u64, u64) {
         read(lb_common::map_names::FRONTEND_STATS),
         read(lb_common::map_names::BACKEND_STATS),
     )
+}
+
+/// How many entries the host-process socket map holds.
+fn sock_entries(bed: &OneNode) -> usize {
+    let data = MapData::from_pin(bed.bpffs.path().join(lb_common::map_names::SOCK)).unwrap();
+    let map: HashMap<_, SockKey, SockValue> = HashMap::try_from(Map::LruHashMap(data)).unwrap();
+    map.keys().count()
 }
 
 /// The errno of a failed answer ("err <errno> <message>").
@@ -392,4 +399,26 @@ fn socket_hooks_outlive_the_agent_are_adopted_on_restart_and_removed_by_cleanup(
         answer = client.ask(&to);
     }
     assert_eq!(errno(&answer), Some(ENETUNREACH), "after cleanup: {answer}");
+}
+
+#[test]
+fn process_of_a_pod_namespace_in_the_cgroup_is_left_to_the_packet_path() {
+    let bed = start("host-podns");
+    // In the agent's cgroup but in the client pod's namespace: the socket hooks leave it alone
+    // (no socket entry is made) and tc load-balances its packets as for any pod.
+    let mut pod = HostClient::start(&bed.client.ns, Some(&bed.host_cgroup));
+    let answer = pod.ok(&bed, &format!("tcp {}", SocketAddrV4::new(VIP, PORT)));
+    assert_eq!(
+        field(&answer, "peer="),
+        SocketAddrV4::new(VIP, PORT).to_string()
+    );
+    assert_eq!(sock_entries(&bed), 0, "a pod socket was translated");
+    // The control: a host process's connect makes its entry.
+    let mut host = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
+    host.ok(&bed, &format!("tcp {}", SocketAddrV4::new(VIP, PORT)));
+    assert_eq!(
+        sock_entries(&bed),
+        1,
+        "one reverse entry for the host TCP socket"
+    );
 }
