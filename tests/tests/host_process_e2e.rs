@@ -422,3 +422,30 @@ fn process_of_a_pod_namespace_in_the_cgroup_is_left_to_the_packet_path() {
         "one reverse entry for the host TCP socket"
     );
 }
+
+#[test]
+fn two_agents_with_their_own_cgroups_and_pins_do_not_interfere() {
+    let start_named = |tag: &str, name: &'static str| {
+        let ip = Ipv4Addr::new(198, 18, 2, 1);
+        let bed = OneNode::start(tag, &[(name, ip)], TARGET, &manifests(&[ip]))
+            .expect("start a one-node testbed");
+        bed.wait_for_tcp(SocketAddrV4::new(VIP, PORT), Duration::from_secs(10))
+            .expect("ClusterIP answers pods");
+        bed
+    };
+    // Same ClusterIP on both nodes, different backends.
+    let a = start_named("host-two-a", "node-a-be");
+    let b = start_named("host-two-b", "node-b-be");
+    let to = format!("tcp {}", SocketAddrV4::new(VIP, PORT));
+    for (bed, name) in [(&a, "node-a-be"), (&b, "node-b-be")] {
+        let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
+        for _ in 0..5 {
+            assert_eq!(backend(&client.ok(bed, &to)), name);
+        }
+    }
+    // A process of node A's namespace in node B's cgroup: B's hooks leave it alone (another
+    // namespace), A's do not see it (another cgroup).
+    let mut crossed = HostClient::start(&a.node.ns, Some(&b.host_cgroup));
+    let answer = crossed.ask(&to);
+    assert_eq!(errno(&answer), Some(ENETUNREACH), "{answer}");
+}
