@@ -20,6 +20,7 @@
 //!  src_ranges LPM_TRIE {prefixlen, SourceRangeKey{rev_nat_id, addr}} -> u8 (1 = allowed)
 //!  reject_bkt PERCPU_ARRAY u32 0 -> RejectBucket (rate limit of rejects)
 //!  maglev     HASH     MaglevKey{table = rev_nat_id, chunk} -> MaglevChunk (64 slots of a table)
+//!  sock       LRU_HASH SockKey{socket cookie, address, direction} -> SockValue (host processes)
 //! ```
 #![no_std]
 
@@ -29,6 +30,7 @@ pub mod legacy;
 pub mod maglev;
 pub mod reject;
 pub mod service;
+pub mod sock;
 pub mod stats;
 
 pub use conntrack::{CtKey, CtValue};
@@ -36,6 +38,7 @@ pub use reject::RejectBucket;
 pub use service::{
     AffinityKey, AffinityValue, BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
 };
+pub use sock::{SockKey, SockValue};
 pub use stats::TrafficCounters;
 
 /// Version of the map layout. Bumped whenever a key or value changes shape; the agent refuses to
@@ -57,6 +60,9 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     /// PERCPU_ARRAY u32 reason ([`crate::stats::drop_reason`]) -> u64 packets.
     pub const DROPS: &str = "LB_DROPS";
+    /// LRU_HASH [`crate::SockKey`] -> [`crate::SockValue`]: what the host-process socket hooks
+    /// remember per socket.
+    pub const SOCK: &str = "LB_SOCK";
     /// ARRAY of one u32: the [`crate::ABI_VERSION`] of the maps pinned beside it. Created and
     /// read by userspace only; its own layout never changes.
     pub const META: &str = "LB_META";
@@ -94,6 +100,8 @@ pub mod map_sizes {
     /// default size. The agent overrides it for other sizes.
     pub const MAGLEV_CHUNKS: u32 =
         MAGLEV_TABLES * crate::maglev::chunks(crate::maglev::DEFAULT_TABLE_SIZE);
+    /// Host-process sockets: two entries per (socket, frontend) in use.
+    pub const SOCK: u32 = 65_536;
 }
 
 /// `BPF_F_NO_PREALLOC`: the stats maps allocate an entry only when userspace creates it, so
@@ -109,6 +117,14 @@ pub mod program_names {
     pub const TC_EGRESS: &str = "lb_tc_egress";
     /// XDP on node uplinks: NodePort, LoadBalancer and externalIP traffic from outside the node.
     pub const XDP: &str = "lb_xdp";
+    /// cgroup connect4: a host process connects to a frontend; the socket gets a backend.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// cgroup sendmsg4: an unconnected UDP datagram to a frontend goes to a backend.
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// cgroup recvmsg4: a datagram from a backend is reported as coming from the frontend.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// cgroup getpeername4: a translated socket reports the frontend as its peer.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_getpeername4";
 }
 
 /// `skb->mark` of a packet synthesized by `lbctl trace` and run through BPF_PROG_TEST_RUN. The

@@ -409,14 +409,17 @@ pub struct Pick {
 /// Step 3: the frontend's master entry in `scope`, then its Maglev slot or a random slot. `Err` carries the verdict
 /// when there is nothing to pick (not a frontend: pass; no backend: drop).
 #[inline(always)]
-fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
+pub fn select(flow: &Flow, scope: u8, record: bool) -> Result<Pick, Verdict> {
     let master_key = ServiceKey::new(flow.dst_addr, flow.dst_port, flow.proto, scope, 0);
     // SAFETY: the value is copied out immediately.
     let master = match unsafe { SERVICES.get(master_key) } {
         Some(m) => *m,
         None => return Err(Verdict::Pass),
     };
+    // Host-process sockets (cgroup hooks) come with no source address (0): they are the node,
+    // which the ranges always allow (the model adds the node's addresses to every list).
     if master.flags & SVC_FLAG_SOURCE_RANGES != 0
+        && flow.src_addr != 0
         && !crate::source_ranges::allowed(master.rev_nat_id, flow.src_addr)
     {
         return Err(drop(drop_reason::SOURCE_RANGE, record));

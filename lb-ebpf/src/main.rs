@@ -3,7 +3,9 @@
 //! Each program is a thin entry that parses the packet into a [`packet::Flow`], asks the shared
 //! load-balancing core ([`lb::process`]) what to do with it, and applies the answer with the
 //! rewrite primitives of its own hook. The core never touches the packet, so the tc program of today
-//! and the XDP program of the external-traffic path share it unchanged.
+//! and the XDP program of the external-traffic path share it unchanged. The host-process socket
+//! hooks ([`sock`]) use its service lookup and backend choice on socket addresses instead of
+//! packets.
 #![no_std]
 #![no_main]
 
@@ -12,6 +14,7 @@ mod maglev;
 mod maps;
 mod packet;
 mod reject;
+mod sock;
 mod source_ranges;
 mod tc;
 mod xdp;

@@ -7,7 +7,8 @@ use aya_ebpf::{
 use lb_common::{
     maglev::{MaglevChunk, MaglevKey},
     map_sizes, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RejectBucket, RevNatValue,
-    ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters, BPF_F_NO_PREALLOC,
+    ServiceKey, ServiceValue, SockKey, SockValue, SourceRangeKey, TrafficCounters,
+    BPF_F_NO_PREALLOC,
 };
 
 #[map(name = "LB_SERVICES")]
@@ -25,6 +26,8 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(map_sizes:
 #[map(name = "LB_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(map_sizes::AFFINITY, 0);
+#[map(name = "LB_SOCK")]
+pub static SOCK: LruHashMap<SockKey, SockValue> = LruHashMap::pinned(map_sizes::SOCK, 0);
 
 #[map(name = "LB_FE_STATS")]
 pub static FRONTEND_STATS: PerCpuHashMap<u32, TrafficCounters> =

@@ -1,7 +1,8 @@
 //! `lb-agent cleanup`: removes everything the agent (and lb-cni) pinned under a `--bpffs`
 //! directory, which detaches the data path, and the bpffs mount if the agent made it.
 //!
-//! - Links: every pin under `links/`, `links-egress/` and `links-xdp/` (at any depth). A pinned
+//! - Links: every pin under `links/`, `links-egress/`, `links-xdp/` and `links-cgroup/` (at any
+//!   depth). A pinned
 //!   link lives only as long as its pin, so removing the pin detaches it (the kernel frees it
 //!   after an RCU grace period).
 //! - Programs: everything under `progs/`, including temporary pins of an interrupted restart.
@@ -23,7 +24,7 @@ use std::{
 
 use lb_common::map_names;
 
-use crate::{attach, loader, pin_lock, upgrade};
+use crate::{attach, cgroup_hooks, loader, pin_lock, upgrade};
 
 /// Where the XDP links are pinned, one per interface (`<bpffs>/links-xdp/<ifname>`).
 pub const XDP_LINK_PIN_DIR: &str = "links-xdp";
@@ -84,6 +85,7 @@ pub fn cleanup(dir: &Path) -> Result<Report, Error> {
         attach::LINK_PIN_DIR,
         attach::EGRESS_LINK_PIN_DIR,
         XDP_LINK_PIN_DIR,
+        cgroup_hooks::CGROUP_LINK_PIN_DIR,
         attach::PROGRAM_PIN_DIR,
     ] {
         let path = dir.join(sub);

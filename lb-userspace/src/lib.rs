@@ -2,6 +2,7 @@
 //! would do with them (`model`), and how that becomes BPF map contents (`dataplane`) and attached
 //! programs (`loader`).
 pub mod attach;
+pub mod cgroup_hooks;
 pub mod cleanup;
 pub mod cni;
 pub mod conntrack_gc;
@@ -15,6 +16,7 @@ pub mod netlink;
 pub mod pin_lock;
 pub mod pod_interfaces;
 pub mod service_health;
+pub mod sock_destroy;
 pub mod sources;
 pub mod trace;
 pub mod upgrade;

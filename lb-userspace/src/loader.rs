@@ -15,7 +15,8 @@ use aya::{
 use lb_common::{
     maglev::{MaglevChunk, MaglevKey},
     map_names, program_names, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue,
-    RejectBucket, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, TrafficCounters,
+    RejectBucket, RevNatValue, ServiceKey, ServiceValue, SockKey, SockValue, SourceRangeKey,
+    TrafficCounters,
 };
 
 /// The kernel object built by build.rs (lb-ebpf, binary `lb`).
@@ -167,7 +168,7 @@ pub fn is_bpffs(dir: &Path) -> Result<bool> {
 }
 
 /// The maps the agent pins, with the key and value sizes this build expects.
-pub const PINNED_MAPS: [(&str, usize, usize); 11] = [
+pub const PINNED_MAPS: [(&str, usize, usize); 12] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -219,6 +220,11 @@ pub const PINNED_MAPS: [(&str, usize, usize); 11] = [
         map_names::MAGLEV,
         size_of::<MaglevKey>(),
         size_of::<MaglevChunk>(),
+    ),
+    (
+        map_names::SOCK,
+        size_of::<SockKey>(),
+        size_of::<SockValue>(),
     ),
 ];
 
@@ -353,6 +359,16 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
     loader.map_max_entries(map_names::CONNTRACK, opts.conntrack_size);
     loader.override_global("REJECT_RATE", &limit.per_sec, true);
     loader.override_global("REJECT_BURST", &limit.burst, true);
+    // The host-process socket hooks serve this (the node's) network namespace only.
+    let netns_cookie = current_netns_cookie();
+    if netns_cookie == 0 {
+        tracing::warn!(
+            "cannot read this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+): the \
+             host-process socket hooks translate sockets of every namespace in --cgroup, pods \
+             included"
+        );
+    }
+    loader.override_global(HOST_NETNS_COOKIE, &netns_cookie, true);
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| Error::Load {
         dir: opts.bpffs.clone(),
         source: Box::new(source),
@@ -376,6 +392,37 @@ pub fn load(opts: &LoadOptions) -> Result<Ebpf> {
             source,
         })?;
     Ok(ebpf)
+}
+
+/// The global of the kernel object holding the network namespace the socket hooks serve.
+const HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
+
+/// The cookie of the calling thread's network namespace, 0 if the kernel cannot tell.
+pub fn current_netns_cookie() -> u64 {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return 0;
+    }
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`, which outlives the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    // SAFETY: `fd` is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return 0;
+    }
+    cookie
 }
 
 /// The XDP program of a loaded object (external traffic on uplinks).

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{spawn_in, tcp_request, BpfFs, ChildGuard, EchoServer, Node, Pod, RUN_DIR};
+use crate::{spawn_in, tcp_request, BpfFs, ChildGuard, EchoServer, Node, Pod, TestCgroup, RUN_DIR};
 
 /// The client pod's address in [`OneNode`].
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -71,6 +71,9 @@ pub struct OneNode {
     pub client: Pod,
     /// The node namespace the agent runs in.
     pub node: Node,
+    /// The agent's `--cgroup`: processes started in it (and in [`OneNode::node`]'s namespace)
+    /// are host processes the socket hooks serve.
+    pub host_cgroup: TestCgroup,
     /// The agent's pin directory.
     pub bpffs: BpfFs,
     manifests: ManifestsDir,
@@ -96,13 +99,16 @@ impl OneNode {
             pods.push((server, pod));
         }
         let bpffs = BpfFs::new(tag)?;
+        let host_cgroup = TestCgroup::new(tag)?;
         let dir = PathBuf::from(RUN_DIR).join(crate::unique_name(&format!("{tag}_m")));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let manifests_dir = ManifestsDir(dir);
         write_atomically(&manifests_dir.0, manifests)?;
 
         let mut cmd = Command::new(agent_bin);
-        cmd.arg("--manifests")
+        cmd.arg("--cgroup")
+            .arg(host_cgroup.path())
+            .arg("--manifests")
             .arg(&manifests_dir.0)
             .args(["--node-name", NODE_NAME])
             .arg("--bpffs")
@@ -120,6 +126,7 @@ impl OneNode {
             backends: pods,
             client,
             node,
+            host_cgroup,
             bpffs,
             manifests: manifests_dir,
         })

@@ -188,7 +188,11 @@ impl MultiNode {
         for (spec, node, backends) in built {
             let bpffs = BpfFs::new(&format!("{tag}-{}", spec.name))?;
             let mut cmd = Command::new(&agent_bin);
-            cmd.arg("--manifests")
+            // No host process is served in these tests: an empty cgroup keeps the socket hooks
+            // away from every other process.
+            cmd.arg("--cgroup")
+                .arg(crate::idle_cgroup())
+                .arg("--manifests")
                 .arg(&manifests_dir.0)
                 .args(["--node-name", spec.name])
                 .arg("--bpffs")

@@ -24,6 +24,7 @@
 
 mod backend;
 mod bpffs;
+mod cgroup;
 pub mod cluster;
 pub mod fabric;
 mod http;
@@ -36,6 +37,7 @@ pub use backend::{
     EchoServer, Reply, TcpConn,
 };
 pub use bpffs::BpfFs;
+pub use cgroup::{cgroup2_mount, idle_cgroup, TestCgroup};
 pub use http::{http_get, prometheus_sample, HttpResponse};
 pub use netns::Netns;
 pub use process::{spawn_in, ChildGuard};
@@ -70,6 +72,7 @@ pub fn require_root() {
 pub fn cleanup_stale() {
     netns::remove_stale_namespaces();
     bpffs::remove_stale_entries();
+    cgroup::remove_stale_cgroups();
 }
 
 /// Runs [`cleanup_stale`] once per process, then makes `/run/netns` a mount point with a

@@ -17,7 +17,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn agent_command(bed: &OneNode, extra: &[&str]) -> Command {
     let mut cmd = Command::new(agent_bin().unwrap());
-    cmd.arg("--manifests")
+    cmd.arg("--cgroup")
+        .arg(bed.host_cgroup.path())
+        .arg("--manifests")
         .arg(bed.manifests_dir())
         .args(["--node-name", NODE_NAME, "--poll-interval-ms", "100"])
         .arg("--bpffs")

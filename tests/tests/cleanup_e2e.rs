@@ -133,7 +133,9 @@ fn cleanup_unmounts_a_bpffs_the_agent_mounted_itself() {
     std::fs::write(manifests.join("services.yaml"), "").unwrap();
 
     let mut cmd = Command::new(agent_bin().unwrap());
-    cmd.arg("--manifests")
+    cmd.arg("--cgroup")
+        .arg(lb_tests::idle_cgroup())
+        .arg("--manifests")
         .arg(&manifests)
         .args(["--node-name", "node-1", "--pod-iface-pattern", ""])
         .arg("--bpffs")

@@ -153,7 +153,9 @@ impl CniNode {
             old.stop().expect("stop the previous agent");
         }
         let mut cmd = std::process::Command::new(agent_bin().expect("agent binary"));
-        cmd.arg("--manifests")
+        cmd.arg("--cgroup")
+            .arg(lb_tests::idle_cgroup())
+            .arg("--manifests")
             .arg(&self.manifests.0)
             .args(["--node-name", NODE_NAME])
             .arg("--bpffs")

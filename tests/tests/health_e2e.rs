@@ -60,7 +60,9 @@ fn readyz_is_503_until_the_first_sync_while_healthz_is_200() {
     let bpffs = BpfFs::new("notready").unwrap();
     let kubeconfig = DeadKubeconfig::new("notready");
     let mut cmd = Command::new(agent_bin().unwrap());
-    cmd.arg("--kubeconfig")
+    cmd.arg("--cgroup")
+        .arg(lb_tests::idle_cgroup())
+        .arg("--kubeconfig")
         .arg(&kubeconfig.0)
         .args(["--node-name", "node-1", "--pod-iface-pattern", ""])
         .arg("--bpffs")
@@ -160,6 +162,8 @@ impl Drop for EnvVar {
 fn an_invalid_lb_log_directive_is_refused_naming_it() {
     let out = Command::new(agent_bin().unwrap())
         .env("LB_LOG", "lb=[bad")
+        .arg("--cgroup")
+        .arg(lb_tests::idle_cgroup())
         .args(["--manifests", "/nonexistent", "--node-name", "node-1"])
         .output()
         .unwrap();

@@ -100,7 +100,9 @@ impl Tally {
 /// node-1's agent command line, as [`MultiNode`] starts it.
 fn agent_command(manifests: &Path, bpffs: &Path, ifaces: &[String]) -> Command {
     let mut cmd = Command::new(agent_bin().unwrap());
-    cmd.arg("--manifests")
+    cmd.arg("--cgroup")
+        .arg(lb_tests::idle_cgroup())
+        .arg("--manifests")
         .arg(manifests)
         .args(["--node-name", "node-1", "--poll-interval-ms", "100"])
         .args(["--uplink", "eth0"])

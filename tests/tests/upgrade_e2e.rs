@@ -33,7 +33,9 @@ impl Drop for Manifests {
 
 fn start_agent(node: &Node, bpffs: &BpfFs, manifests: &Manifests, tag: &str) -> ChildGuard {
     let mut cmd = Command::new(agent_bin().unwrap());
-    cmd.arg("--manifests")
+    cmd.arg("--cgroup")
+        .arg(lb_tests::idle_cgroup())
+        .arg("--manifests")
         .arg(&manifests.0)
         .args(["--node-name", "node-1", "--pod-iface-pattern", ""])
         .arg("--bpffs")

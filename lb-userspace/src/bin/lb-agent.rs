@@ -18,6 +18,7 @@ use lb_userspace::{
     metrics::Metrics,
     model,
     service_health::{self, ServiceHealthServers},
+    sock_destroy::{destroy, find_stale, SockMap},
     sources::{
         feed::{Feed, Snapshot},
         kube,
@@ -70,7 +71,9 @@ struct Args {
     /// `native` or `generic`.
     #[arg(long, value_enum, default_value_t = lb_userspace::uplink::XdpModeArg::Auto, env = "LB_XDP_MODE")]
     xdp_mode: lb_userspace::uplink::XdpModeArg,
-    /// cgroup v2 directory for the host-process socket hooks (default: the cgroup2 root).
+    /// cgroup v2 directory for the host-process socket hooks: processes in it and below reach
+    /// ClusterIPs and NodePorts through socket-address translation (default: the cgroup2 root,
+    /// found in /proc/self/mounts).
     #[arg(long, value_name = "DIR")]
     cgroup: Option<PathBuf>,
     /// Restrict NodePort addresses to these CIDRs (default: all local addresses).
@@ -185,9 +188,10 @@ fn run(args: Args) -> Result<()> {
     if args.manifests.is_some() && args.kubeconfig.is_some() {
         bail!("--manifests and --kubeconfig both given: pick one source");
     }
-    if let Some(cgroup) = &args.cgroup {
-        warn!(cgroup = %cgroup.display(), "--cgroup given, but host-process socket hooks are not implemented yet: host processes are not load-balanced");
-    }
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => lb_userspace::cgroup_hooks::default_cgroup()?,
+    };
     let nodeport_cidrs = args
         .nodeport_addresses
         .iter()
@@ -241,6 +245,9 @@ fn run(args: Args) -> Result<()> {
         &uplinks,
         args.xdp_mode,
     )?;
+    // Host processes: socket hooks on the cgroup.
+    lb_userspace::cgroup_hooks::load(&mut ebpf)?;
+    lb_userspace::cgroup_hooks::attach_all(&mut ebpf, &args.bpffs, &cgroup)?;
     let late = upgrade.finish(&args.bpffs)?;
     if matches!(upgrade, Upgrade::FromV1 { .. }) {
         info!(
@@ -251,6 +258,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
+    let mut sockets = SockMap::open(&args.bpffs)?;
     let mut writer = Writer::adopt_with_table_size(&maps, args.maglev_table_size)?;
     info!(
         frontends = writer.frontend_count(),
@@ -329,6 +337,7 @@ fn run(args: Args) -> Result<()> {
             &config,
             &mut writer,
             &mut maps,
+            &mut sockets,
             &metrics,
             &mut hc_servers,
         ) {
@@ -441,6 +450,10 @@ fn detach_everything(bpffs: &std::path::Path) -> usize {
         }
         Err(e) => warn!("listing pinned attachments: {e}"),
     }
+    match lb_userspace::cgroup_hooks::detach_all(bpffs) {
+        Ok(n) => detached += n,
+        Err(e) => warn!("detaching the host-process socket hooks: {e}"),
+    }
     match lb_userspace::uplink::detach_all(bpffs) {
         Ok(uplinks) => detached += uplinks.len(),
         Err(e) => warn!("detaching uplinks: {e}"),
@@ -464,6 +477,7 @@ fn sync(
     config: &model::Config,
     writer: &mut Writer,
     maps: &mut BpfMaps,
+    sockets: &mut SockMap,
     metrics: &Metrics,
     hc_servers: &mut ServiceHealthServers,
 ) -> bool {
@@ -496,6 +510,9 @@ fn sync(
                 since_change_us = latency.map(|l| l.as_micros() as u64),
                 "maps programmed"
             );
+            if stats.frontends_changed > 0 || stats.frontends_removed > 0 {
+                destroy_stale_udp_sockets(maps, sockets);
+            }
             true
         }
         Err(e) => {
@@ -505,6 +522,30 @@ fn sync(
             );
             false
         }
+    }
+}
+
+/// Connected UDP sockets of host processes whose backend went away are destroyed, so that their
+/// next call fails (ECONNABORTED) and a reconnect reaches a live backend (see
+/// lb_userspace::sock_destroy). A failure is logged; the next change tries again.
+fn destroy_stale_udp_sockets(maps: &BpfMaps, sockets: &mut SockMap) {
+    let stale = match find_stale(sockets, &maps.services, &maps.backends) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("looking for UDP sockets of host processes whose backend went away: {e}");
+            return;
+        }
+    };
+    if stale.is_empty() {
+        return;
+    }
+    match destroy(sockets, &stale) {
+        Ok(destroyed) => info!(
+            destroyed,
+            stale = stale.len(),
+            "destroyed connected UDP sockets of host processes whose backend went away              (they get ECONNABORTED and reconnect to a live backend)"
+        ),
+        Err(e) => warn!("destroying UDP sockets of host processes whose backend went away: {e}"),
     }
 }
 
