@@ -61,10 +61,8 @@ pub struct Plan {
     pub duration_ms: u64,
     /// Services in the per-packet runs.
     pub packet_scales: Vec<usize>,
-    /// BPF_PROG_TEST_RUN repeat count for the established/reply/non-service paths.
-    pub packet_repeat: u32,
-    /// Single runs (each with a fresh conntrack) for the new-flow paths.
-    pub packet_new_flow_samples: usize,
+    /// Single BPF_PROG_TEST_RUN runs per path and size.
+    pub packet_samples: usize,
     /// Services in the end-to-end runs.
     pub e2e_scales: Vec<usize>,
     /// Client threads of the end-to-end load generator.
@@ -88,8 +86,7 @@ impl Plan {
             rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }),
             duration_ms: args.duration_ms.unwrap_or(if q { 500 } else { 2000 }),
             packet_scales: vec![1, 1_000, 10_000, 100_000],
-            packet_repeat: if q { 20_000 } else { 200_000 },
-            packet_new_flow_samples: if q { 500 } else { 5_000 },
+            packet_samples: if q { 500 } else { 5_000 },
             e2e_scales: if q { vec![1, 1_000] } else { vec![1, 1_000, 10_000] },
             e2e_threads: 4,
             control_services: if q { 1_000 } else { 10_000 },

@@ -7,12 +7,17 @@
 //! - tc new flow: a SYN to a ClusterIP with no conntrack entry. Each sample is one run
 //!   (`repeat` 1) after both conntrack entries of the previous run were deleted, so every sample
 //!   really takes the miss path: service lookup, backend choice, two conntrack inserts, DNAT.
-//! - tc established: an ACK of that flow, `repeat` N (conntrack hit, DNAT).
-//! - tc reply: the backend's answer, `repeat` N (reply conntrack hit, reverse NAT).
-//! - tc non-service: a packet to a pod address, `repeat` N (one failed service lookup).
-//! - XDP NodePort to a remote backend, new flow (as above, one run per sample with conntrack
-//!   cleared, which also frees the SNAT port) and established (`repeat` N): service lookup, SNAT
-//!   port allocation, DNAT+SNAT, FIB lookup, XDP_TX.
+//! - tc established: an ACK of that flow (conntrack hit, DNAT).
+//! - tc reply: the backend's answer (reply conntrack hit, reverse NAT).
+//! - tc non-service: a packet to a pod address (one failed service lookup).
+//! - XDP NodePort to a remote backend, new flow (as above, conntrack cleared before each run,
+//!   which also frees the SNAT port: service lookup, SNAT port allocation, DNAT+SNAT, FIB
+//!   lookup, XDP_TX) and established (conntrack hit, DNAT+SNAT, FIB lookup, XDP_TX).
+//!
+//! Every sample is one run (`repeat` 1) and the figure is the median of the kernel-measured run
+//! times. `repeat` N is not used: the kernel runs the program N times on the same buffer without
+//! restoring it, so every run after the first would see the already translated packet and
+//! measure another path.
 use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
@@ -39,7 +44,8 @@ const TC_ACT_OK: u32 = 0;
 const XDP_TX: u32 = 3;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+/// Above the filler addresses (198.18.3.248 and up), so no filler replaces it.
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 250);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 /// The uplink namespace of the XDP runs (as in the XDP fixtures).
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
@@ -54,114 +60,98 @@ const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 pub fn run(_args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
     results.notes.push(format!(
-        "Per-packet: BPF_PROG_TEST_RUN on the real object; established/reply/non-service paths \
-         with repeat={}, new-flow paths as {} single runs each with the flow's conntrack entries \
-         deleted before it (so every sample is a conntrack miss); figure = kernel-reported \
-         duration per run, median over samples (repeat paths: {} runs of repeat each).",
-        plan.packet_repeat, plan.packet_new_flow_samples, REPEAT_SAMPLES
+        "Per-packet: BPF_PROG_TEST_RUN of the real object, {} single runs (repeat 1) per path \
+         and size, median of the kernel-measured run time. The sizes are loaded side by side \
+         and sampled in turn (1, 1k, 10k, 100k, 1, ...), so machine noise hits them alike. \
+         New-flow samples each start with the flow's conntrack entries deleted, so every one \
+         is a conntrack miss. repeat N is not used because the kernel reruns the program on \
+         the already translated buffer. A single run's time includes the kernel's timer reads \
+         around it (a constant of some tens of ns).",
+        plan.packet_samples
     ));
     let uplink = Uplink::new()?;
+    let mut beds = Vec::new();
     for &n in &plan.packet_scales {
-        eprintln!("lb-bench: packet: {n} services");
-        let mut bed = Bed::new(n)?;
-        let group = |path: &str| format!("per-packet {path}, {n} services");
-        let syn = tcp(
-            (CLIENT_MAC, NODE_MAC),
-            (CLIENT, 40000),
-            (VIP, 80),
+        eprintln!("lb-bench: packet: loading the maps with {n} services");
+        beds.push((n, Bed::new(n)?));
+    }
+    let syn = tcp((CLIENT_MAC, NODE_MAC), (CLIENT, 40000), (VIP, 80), true, false);
+    let ack = tcp((CLIENT_MAC, NODE_MAC), (CLIENT, 40000), (VIP, 80), false, true);
+    let reply = tcp((NODE_MAC, CLIENT_MAC), (BACKEND, 8080), (CLIENT, 40000), false, true);
+    let other = tcp((CLIENT_MAC, NODE_MAC), (CLIENT, 40000), (BACKEND, 8080), true, false);
+    let np_syn = tcp(
+        (EXT_CLIENT_MAC, UPLINK_MAC),
+        (EXT_CLIENT, 40000),
+        (NODE, NODE_PORT),
+        true,
+        false,
+    );
+    let np_ack = tcp(
+        (EXT_CLIENT_MAC, UPLINK_MAC),
+        (EXT_CLIENT, 40000),
+        (NODE, NODE_PORT),
+        false,
+        true,
+    );
+    let ifindex = uplink.ifindex;
+    type Setup<'a> = &'a (dyn Fn(&mut Bed) -> Result<()> + Sync);
+    type Sample<'a> = &'a (dyn Fn(&mut Bed) -> Result<f64> + Sync);
+    let no_setup: Setup = &|_| Ok(());
+    let open_tc_flow: Setup = &|bed| bed.run_tc(&syn, 1).map(drop);
+    let open_xdp_flow: Setup = &|bed| bed.run_xdp(&np_syn, ifindex, 1).map(drop);
+    let paths: [(&str, bool, Setup, Sample); 6] = [
+        ("tc new flow (ClusterIP SYN)", true, no_setup, &|bed| bed.run_tc(&syn, 1)),
+        ("tc established flow", false, open_tc_flow, &|bed| bed.run_tc(&ack, 1)),
+        ("tc reply (reverse NAT)", false, open_tc_flow, &|bed| bed.run_tc(&reply, 1)),
+        ("tc non-service packet", false, no_setup, &|bed| bed.run_tc(&other, 1)),
+        (
+            "XDP NodePort to a remote backend, new flow",
             true,
+            no_setup,
+            &|bed| bed.run_xdp(&np_syn, ifindex, 1),
+        ),
+        (
+            "XDP NodePort to a remote backend, established",
             false,
-        );
-        let ack = tcp(
-            (CLIENT_MAC, NODE_MAC),
-            (CLIENT, 40000),
-            (VIP, 80),
-            false,
-            true,
-        );
-        let reply = tcp(
-            (NODE_MAC, CLIENT_MAC),
-            (BACKEND, 8080),
-            (CLIENT, 40000),
-            false,
-            true,
-        );
-        let other = tcp(
-            (CLIENT_MAC, NODE_MAC),
-            (CLIENT, 40000),
-            (BACKEND, 8080),
-            true,
-            false,
-        );
-
-        let samples = bed.single_runs(plan.packet_new_flow_samples, |bed| bed.run_tc(&syn, 1))?;
-        results
-            .figure(&group("tc new flow (ClusterIP SYN)"), "lb", "ns/packet", false)
-            .samples = samples;
-
-        bed.clear_conntrack()?;
-        bed.run_tc(&syn, 1)?;
-        let s = bed.repeated(plan.packet_repeat, |bed, r| bed.run_tc(&ack, r))?;
-        results
-            .figure(&group("tc established flow"), "lb", "ns/packet", false)
-            .samples = s;
-        let s = bed.repeated(plan.packet_repeat, |bed, r| bed.run_tc(&reply, r))?;
-        results
-            .figure(&group("tc reply (reverse NAT)"), "lb", "ns/packet", false)
-            .samples = s;
-        let s = bed.repeated(plan.packet_repeat, |bed, r| bed.run_tc(&other, r))?;
-        results
-            .figure(&group("tc non-service packet"), "lb", "ns/packet", false)
-            .samples = s;
-        bed.clear_conntrack()?;
-
-        let np_syn = tcp(
-            (EXT_CLIENT_MAC, UPLINK_MAC),
-            (EXT_CLIENT, 40000),
-            (NODE, NODE_PORT),
-            true,
-            false,
-        );
-        let np_ack = tcp(
-            (EXT_CLIENT_MAC, UPLINK_MAC),
-            (EXT_CLIENT, 40000),
-            (NODE, NODE_PORT),
-            false,
-            true,
-        );
-        let ifindex = uplink.ifindex;
-        let s = uplink.ns.run(|| {
-            bed.single_runs(plan.packet_new_flow_samples, |bed| {
-                bed.run_xdp(&np_syn, ifindex, 1)
-            })
+            open_xdp_flow,
+            &|bed| bed.run_xdp(&np_ack, ifindex, 1),
+        ),
+    ];
+    for (path, new_flow, setup, sample) in paths {
+        eprintln!("lb-bench: packet: {path}");
+        // XDP runs look up routes in the uplink's namespace: everything runs there.
+        let samples = uplink.ns.run(|| -> Result<Vec<Vec<f64>>> {
+            let mut samples = vec![Vec::with_capacity(plan.packet_samples); beds.len()];
+            for (_, bed) in beds.iter_mut() {
+                bed.clear_conntrack()?;
+                setup(bed)?;
+            }
+            for _ in 0..plan.packet_samples {
+                for (i, (_, bed)) in beds.iter_mut().enumerate() {
+                    if new_flow {
+                        bed.clear_conntrack()?;
+                    }
+                    samples[i].push(sample(bed)?);
+                    if new_flow && bed.conntrack.keys().count() != 2 {
+                        bail!("a new-flow run did not create exactly two conntrack entries");
+                    }
+                }
+            }
+            Ok(samples)
         })?;
-        results
-            .figure(
-                &group("XDP NodePort to a remote backend, new flow"),
-                "lb",
-                "ns/packet",
-                false,
-            )
-            .samples = s;
-        bed.clear_conntrack()?;
-        let s = uplink.ns.run(|| -> Result<Vec<f64>> {
-            bed.run_xdp(&np_syn, ifindex, 1)?;
-            bed.repeated(plan.packet_repeat, |bed, r| bed.run_xdp(&np_ack, ifindex, r))
-        })?;
-        results
-            .figure(
-                &group("XDP NodePort to a remote backend, established"),
-                "lb",
-                "ns/packet",
-                false,
-            )
-            .samples = s;
+        for ((n, _), s) in beds.iter().zip(samples) {
+            results
+                .figure(
+                    &format!("per-packet {path}, {n} services"),
+                    "lb",
+                    "ns/packet",
+                    false,
+                )
+                .samples = s;
+        }
     }
     Ok(())
 }
-
-/// Samples of a `repeat` path.
-const REPEAT_SAMPLES: usize = 5;
 
 /// The real object loaded with fresh maps holding `n` Services.
 struct Bed {
@@ -249,7 +239,12 @@ impl Bed {
             ..Default::default()
         })?;
         if r.return_value != XDP_TX {
-            bail!("XDP program returned {} (expected XDP_TX)", r.return_value);
+            let entries = self.conntrack.keys().count();
+            bail!(
+                "XDP program returned {} (expected XDP_TX); {entries} conntrack entries; output {:02x?}",
+                r.return_value,
+                &out[..r.data_size_out as usize]
+            );
         }
         Ok(r.duration.as_nanos() as f64)
     }
@@ -261,32 +256,6 @@ impl Bed {
         }
         Ok(())
     }
-
-    /// `samples` single runs, each after the conntrack table was emptied.
-    fn single_runs(
-        &mut self,
-        samples: usize,
-        mut run: impl FnMut(&mut Bed) -> Result<f64>,
-    ) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            self.clear_conntrack()?;
-            out.push(run(self)?);
-            if self.conntrack.keys().count() != 2 {
-                bail!("a new-flow run did not create exactly two conntrack entries");
-            }
-        }
-        Ok(out)
-    }
-
-    /// [`REPEAT_SAMPLES`] runs of `repeat` each; the kernel reports the mean per run.
-    fn repeated(
-        &mut self,
-        repeat: u32,
-        mut run: impl FnMut(&mut Bed, u32) -> Result<f64>,
-    ) -> Result<Vec<f64>> {
-        (0..REPEAT_SAMPLES).map(|_| run(self, repeat)).collect()
-    }
 }
 
 /// `n` filler ClusterIP Services with one backend each, written directly into the maps; ids
@@ -297,6 +266,9 @@ fn fill(maps: &mut BpfMaps, n: usize) -> Result<()> {
         let addr = ipv4_to_net(Ipv4Addr::from(
             u32::from(Ipv4Addr::new(198, 18, 0, 16)) + i as u32 + 1_000,
         ));
+        if addr == ipv4_to_net(VIP) {
+            bail!("filler Service {i} would take the measured ClusterIP {VIP}");
+        }
         let backend_id = FIRST_ID + i as u32;
         let rev_nat_id = (FIRST_ID as usize + i % 60_000) as u16;
         maps.backends.insert(

@@ -151,7 +151,8 @@ fn verdicts(plan: &Plan, results: &Results) -> Vec<Verdict> {
         .filter(|f| f.group.starts_with("per-packet "))
         .filter_map(|f| Some(f.group.rsplit_once(", ")?.0.to_owned()))
         .collect();
-    paths.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    paths.retain(|p| seen.insert(p.clone()));
     if !paths.is_empty() {
         let mut details = Vec::new();
         let mut all = true;
