@@ -157,7 +157,10 @@ fn agent(
             std::fs::rename(&tmp, dir.0.join(Scenario::file_name(file)))?;
             wait_for_syncs(&mut agent, before + 1, Duration::from_secs(60))?;
             wall.push(t.elapsed().as_secs_f64() * 1e3);
-            if let Some(us) = syncs(&agent).last().and_then(|v| field(v, "since_change_us")) {
+            if let Some(us) = syncs(&agent)
+                .last()
+                .and_then(|v| field(v, "since_change_us"))
+            {
                 agent_says.push(us / 1e3);
             }
         }
@@ -277,9 +280,8 @@ fn iptables(plan: &Plan, scenario: &Scenario, size: &str, results: &mut Results)
         .push(took.as_secs_f64());
     let mut ms = Vec::new();
     for c in 0..plan.changes_iptables {
-        let rules = kube_proxy::iptables_rules(
-            &scenario.ports(Some((pick(scenario, c), c as u32 + 1))),
-        );
+        let rules =
+            kube_proxy::iptables_rules(&scenario.ports(Some((pick(scenario, c), c as u32 + 1))));
         ms.push(load_rules(&node.ns, "iptables-restore", &[], &rules)?.as_secs_f64() * 1e3);
     }
     push_latencies(

@@ -195,13 +195,7 @@ impl Bed {
         node.ns.ip(&["link", "set", "up0", "up"])?;
         ext.ip(&["addr", "add", &format!("{EXT_CLIENT}/24"), "dev", "eth0"])?;
         ext.ip(&["link", "set", "eth0", "up"])?;
-        ext.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &NODE_UPLINK.to_string(),
-        ])?;
+        ext.ip(&["route", "add", "default", "via", &NODE_UPLINK.to_string()])?;
         node.ns.ip(&[
             "neigh",
             "replace",
@@ -278,12 +272,8 @@ impl Bed {
                 );
             }
             Mode::Nftables => {
-                let took = load_rules(
-                    &bed.node.ns,
-                    "nft",
-                    &["-f"],
-                    &kube_proxy::nft_rules(&ports),
-                )?;
+                let took =
+                    load_rules(&bed.node.ns, "nft", &["-f"], &kube_proxy::nft_rules(&ports))?;
                 eprintln!(
                     "lb-bench: e2e: nft -f of {} services took {:.1}s",
                     scenario.services,
@@ -466,7 +456,10 @@ fn measure(bed: &Bed, scenario: &Scenario, test: Test, threads: usize, d: Durati
             stop.store(true, Ordering::Relaxed);
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or((0, 1, Some("client thread panicked".into()))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or((0, 1, Some("client thread panicked".into())))
+                })
                 .collect()
         });
         let elapsed = start.elapsed();
@@ -494,7 +487,9 @@ fn tcp_loop(to: SocketAddrV4, stop: &AtomicBool) -> (u64, u64, Option<String>) {
             line.clear();
             reader.read_line(&mut line)?;
             if !line.ends_with('\n') {
-                return Err(std::io::Error::other("connection closed before the greeting"));
+                return Err(std::io::Error::other(
+                    "connection closed before the greeting",
+                ));
             }
             Ok(())
         })();
@@ -536,8 +531,10 @@ fn udp_loop(to: SocketAddrV4, stop: &AtomicBool) -> (u64, u64, Option<String>) {
     let (mut ok, mut failed, mut last) = (0, 0, None);
     let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
         .and_then(|s| s.connect(to).map(|_| s))
-        .and_then(|s| s.set_read_timeout(Some(Duration::from_millis(200))).map(|_| s))
-    {
+        .and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .map(|_| s)
+        }) {
         Ok(s) => s,
         Err(e) => return (0, 1, Some(format!("UDP socket to {to}: {e}"))),
     };

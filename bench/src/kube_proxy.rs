@@ -134,11 +134,19 @@ pub fn iptables_rules(ports: &[ServicePort]) -> String {
 }
 
 fn nft_svc(p: &ServicePort) -> String {
-    format!("service-{}-{}", hash(&p.name), p.name.replace(['/', ':'], "-"))
+    format!(
+        "service-{}-{}",
+        hash(&p.name),
+        p.name.replace(['/', ':'], "-")
+    )
 }
 
 fn nft_ext(p: &ServicePort) -> String {
-    format!("external-{}-{}", hash(&p.name), p.name.replace(['/', ':'], "-"))
+    format!(
+        "external-{}-{}",
+        hash(&p.name),
+        p.name.replace(['/', ':'], "-")
+    )
 }
 
 fn nft_ep(p: &ServicePort, ep: std::net::Ipv4Addr) -> String {
@@ -305,7 +313,10 @@ mod tests {
         assert!(services[4].contains("--dst-type LOCAL -j KUBE-NODEPORTS"));
         assert!(rules.contains("--probability 0.3333333333"));
         assert!(rules.contains("--probability 0.5000000000"));
-        assert_eq!(rules.matches("-j DNAT --to-destination").count(), 3 + 3 + 2 + 2);
+        assert_eq!(
+            rules.matches("-j DNAT --to-destination").count(),
+            3 + 3 + 2 + 2
+        );
         assert_eq!(rules.matches("-A KUBE-NODEPORTS").count(), 2);
         assert!(rules.ends_with("COMMIT\n"));
     }

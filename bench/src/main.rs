@@ -19,7 +19,10 @@ use clap::Parser;
 use serde::Serialize;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "lb-bench", about = "Benchmarks lb against kube-proxy's iptables and nftables layouts")]
+#[command(
+    name = "lb-bench",
+    about = "Benchmarks lb against kube-proxy's iptables and nftables layouts"
+)]
 pub struct Args {
     /// Small sizes and short runs, for development; the report says it is a quick run.
     #[arg(long)]
@@ -87,7 +90,11 @@ impl Plan {
             duration_ms: args.duration_ms.unwrap_or(if q { 500 } else { 2000 }),
             packet_scales: vec![1, 1_000, 10_000, 100_000],
             packet_samples: if q { 500 } else { 5_000 },
-            e2e_scales: if q { vec![1, 1_000] } else { vec![1, 1_000, 10_000] },
+            e2e_scales: if q {
+                vec![1, 1_000]
+            } else {
+                vec![1, 1_000, 10_000]
+            },
             e2e_threads: 4,
             control_services: if q { 1_000 } else { 10_000 },
             control_endpoints: 10,

@@ -75,10 +75,34 @@ pub fn run(_args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
         eprintln!("lb-bench: packet: loading the maps with {n} services");
         beds.push((n, Bed::new(n)?));
     }
-    let syn = tcp((CLIENT_MAC, NODE_MAC), (CLIENT, 40000), (VIP, 80), true, false);
-    let ack = tcp((CLIENT_MAC, NODE_MAC), (CLIENT, 40000), (VIP, 80), false, true);
-    let reply = tcp((NODE_MAC, CLIENT_MAC), (BACKEND, 8080), (CLIENT, 40000), false, true);
-    let other = tcp((CLIENT_MAC, NODE_MAC), (CLIENT, 40000), (BACKEND, 8080), true, false);
+    let syn = tcp(
+        (CLIENT_MAC, NODE_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        true,
+        false,
+    );
+    let ack = tcp(
+        (CLIENT_MAC, NODE_MAC),
+        (CLIENT, 40000),
+        (VIP, 80),
+        false,
+        true,
+    );
+    let reply = tcp(
+        (NODE_MAC, CLIENT_MAC),
+        (BACKEND, 8080),
+        (CLIENT, 40000),
+        false,
+        true,
+    );
+    let other = tcp(
+        (CLIENT_MAC, NODE_MAC),
+        (CLIENT, 40000),
+        (BACKEND, 8080),
+        true,
+        false,
+    );
     let np_syn = tcp(
         (EXT_CLIENT_MAC, UPLINK_MAC),
         (EXT_CLIENT, 40000),
@@ -100,10 +124,18 @@ pub fn run(_args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
     let open_tc_flow: Setup = &|bed| bed.run_tc(&syn, 1).map(drop);
     let open_xdp_flow: Setup = &|bed| bed.run_xdp(&np_syn, ifindex, 1).map(drop);
     let paths: [(&str, bool, Setup, Sample); 6] = [
-        ("tc new flow (ClusterIP SYN)", true, no_setup, &|bed| bed.run_tc(&syn, 1)),
-        ("tc established flow", false, open_tc_flow, &|bed| bed.run_tc(&ack, 1)),
-        ("tc reply (reverse NAT)", false, open_tc_flow, &|bed| bed.run_tc(&reply, 1)),
-        ("tc non-service packet", false, no_setup, &|bed| bed.run_tc(&other, 1)),
+        ("tc new flow (ClusterIP SYN)", true, no_setup, &|bed| {
+            bed.run_tc(&syn, 1)
+        }),
+        ("tc established flow", false, open_tc_flow, &|bed| {
+            bed.run_tc(&ack, 1)
+        }),
+        ("tc reply (reverse NAT)", false, open_tc_flow, &|bed| {
+            bed.run_tc(&reply, 1)
+        }),
+        ("tc non-service packet", false, no_setup, &|bed| {
+            bed.run_tc(&other, 1)
+        }),
         (
             "XDP NodePort to a remote backend, new flow",
             true,
@@ -219,7 +251,10 @@ impl Bed {
             ..Default::default()
         })?;
         if r.return_value != TC_ACT_OK {
-            bail!("tc program returned {} (expected TC_ACT_OK)", r.return_value);
+            bail!(
+                "tc program returned {} (expected TC_ACT_OK)",
+                r.return_value
+            );
         }
         Ok(r.duration.as_nanos() as f64)
     }

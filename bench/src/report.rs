@@ -320,8 +320,11 @@ pub fn write(
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("write {}", json_path.display()))?;
     let md_path = args.out_dir.join("BENCHMARKS.md");
-    std::fs::write(&md_path, markdown(args, plan, facts, results, &verdicts, elapsed))
-        .with_context(|| format!("write {}", md_path.display()))?;
+    std::fs::write(
+        &md_path,
+        markdown(args, plan, facts, results, &verdicts, elapsed),
+    )
+    .with_context(|| format!("write {}", md_path.display()))?;
     eprintln!(
         "lb-bench: wrote {} and {}",
         md_path.display(),

@@ -113,7 +113,9 @@ impl Scenario {
         } else {
             (
                 "ClusterIP",
-                format!("  - {{name: tcp, port: {PORT}, protocol: TCP, targetPort: {TARGET_PORT}}}\n"),
+                format!(
+                    "  - {{name: tcp, port: {PORT}, protocol: TCP, targetPort: {TARGET_PORT}}}\n"
+                ),
                 format!("- {{name: tcp, port: {TARGET_PORT}, protocol: TCP}}\n"),
             )
         };
