@@ -467,7 +467,7 @@ fn measure(bed: &Bed, scenario: &Scenario, test: Test, threads: usize, d: Durati
             ok: outcomes.iter().map(|o| o.0).sum(),
             errors: outcomes.iter().map(|o| o.1).sum(),
             elapsed,
-            last_error: outcomes.into_iter().filter_map(|o| o.2).last(),
+            last_error: outcomes.into_iter().filter_map(|o| o.2).next_back(),
         }
     })
 }

@@ -33,7 +33,7 @@ pub struct Args {
     /// Interleaved rounds per end-to-end figure (median reported); default 3, quick 1.
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Length of one end-to-end measurement in milliseconds; default 2000, quick 500.
+    /// Length of one end-to-end measurement in milliseconds; default 1500, quick 500.
     #[arg(long)]
     pub duration_ms: Option<u64>,
     /// The lb-agent binary to benchmark.
@@ -87,7 +87,7 @@ impl Plan {
         Plan {
             quick: q,
             rounds: args.rounds.unwrap_or(if q { 1 } else { 3 }),
-            duration_ms: args.duration_ms.unwrap_or(if q { 500 } else { 2000 }),
+            duration_ms: args.duration_ms.unwrap_or(if q { 500 } else { 1500 }),
             packet_scales: vec![1, 1_000, 10_000, 100_000],
             packet_samples: if q { 500 } else { 5_000 },
             e2e_scales: if q {
@@ -99,8 +99,8 @@ impl Plan {
             control_services: if q { 1_000 } else { 10_000 },
             control_endpoints: 10,
             changes_agent: if q { 20 } else { 1_000 },
-            changes_iptables: if q { 3 } else { 10 },
-            changes_nft: if q { 10 } else { 100 },
+            changes_iptables: if q { 3 } else { 5 },
+            changes_nft: if q { 10 } else { 20 },
             poll_interval_ms: 10,
         }
     }
@@ -193,6 +193,9 @@ impl Results {
     }
 }
 
+/// What runs one part of the benchmark.
+type PartFn = fn(&Args, &Plan, &mut Results) -> Result<()>;
+
 fn main() -> Result<()> {
     let args = Args::parse();
     // SAFETY: geteuid has no preconditions.
@@ -208,7 +211,7 @@ fn main() -> Result<()> {
     let facts = report::MachineFacts::collect();
     eprintln!("lb-bench: plan {plan:?}");
 
-    let parts: [(Part, fn(&Args, &Plan, &mut Results) -> Result<()>); 3] = [
+    let parts: [(Part, PartFn); 3] = [
         (Part::Packet, packet::run),
         (Part::E2e, e2e::run),
         (Part::Control, control::run),

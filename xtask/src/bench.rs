@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// Interleaved rounds per end-to-end figure (default 3; quick 1)
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Length of one end-to-end measurement in milliseconds (default 2000; quick 500)
+    /// Length of one end-to-end measurement in milliseconds (default 1500; quick 500)
     #[arg(long)]
     pub duration_ms: Option<u64>,
 }

@@ -55,7 +55,7 @@ enum Task {
     Run(run::RunArgs),
     /// Run setup and a release build, then benchmark lb against kube-proxy's iptables and
     /// nftables layouts and a direct baseline; writes docs/BENCHMARKS.md and
-    /// docs/benchmarks.json (needs root; the default run takes about 15 minutes)
+    /// docs/benchmarks.json (needs root; the default run is meant to stay under 20 minutes)
     Bench(bench::BenchArgs),
 }
 
