@@ -146,6 +146,7 @@ fn agent(
         }
         let mut wall = Vec::new();
         let mut agent_says = Vec::new();
+        let mut apply = Vec::new();
         for c in 0..plan.changes_agent {
             let service = pick(scenario, c);
             let file = service / Scenario::PER_FILE;
@@ -175,6 +176,12 @@ fn agent(
             &format!("control: one endpoint change until programmed, {size}, as the agent measures it (since_change_us)"),
             "lb",
             &agent_says,
+        );
+        push_latencies(
+            results,
+            &format!("control: one endpoint change, {size}, the agent's sync alone (model + diff + map writes, elapsed_us)"),
+            "lb",
+            &apply,
         );
     }
     if plan.wants(&args.only, Part::Memory) {

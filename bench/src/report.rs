@@ -206,7 +206,7 @@ fn verdicts(plan: &Plan, results: &Results) -> Vec<Verdict> {
         });
     }
     for f in find(results, "control: one endpoint change", "lb") {
-        if !f.group.ends_with("p99") {
+        if !f.group.ends_with("p99") || f.group.contains("sync alone") {
             continue;
         }
         let ms = f.median();
@@ -403,6 +403,7 @@ fn markdown(
          - Per-packet figures are BPF_PROG_TEST_RUN durations (kernel-measured, no NIC, no \
          stack); they show the program's own cost and how it scales with the map sizes.\n"
     );
+    let _ = writeln!(md, "### Method of this run\n");
     for n in &results.notes {
         let _ = writeln!(md, "- {n}");
     }
