@@ -158,11 +158,12 @@ fn agent(
             std::fs::rename(&tmp, dir.0.join(Scenario::file_name(file)))?;
             wait_for_syncs(&mut agent, before + 1, Duration::from_secs(60))?;
             wall.push(t.elapsed().as_secs_f64() * 1e3);
-            if let Some(us) = syncs(&agent)
-                .last()
-                .and_then(|v| field(v, "since_change_us"))
-            {
+            let last = syncs(&agent).pop();
+            if let Some(us) = last.as_ref().and_then(|v| field(v, "since_change_us")) {
                 agent_says.push(us / 1e3);
+            }
+            if let Some(us) = last.as_ref().and_then(|v| field(v, "elapsed_us")) {
+                apply.push(us / 1e3);
             }
         }
         push_latencies(
