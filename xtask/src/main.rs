@@ -1,4 +1,5 @@
 //! Developer tasks for the workspace: `cargo xtask <command>` (aliased in .cargo/config.toml).
+mod bench;
 mod cargo;
 mod cmd;
 mod demo;
@@ -52,6 +53,10 @@ enum Task {
     /// Run setup and build, then run lb-agent on this machine against the local kubeconfig (or
     /// --manifests), logging to the terminal; Ctrl-C detaches it (needs root)
     Run(run::RunArgs),
+    /// Run setup and a release build, then benchmark lb against kube-proxy's iptables and
+    /// nftables layouts and a direct baseline; writes docs/BENCHMARKS.md and
+    /// docs/benchmarks.json (needs root; the default run is meant to stay under 20 minutes)
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,15 @@ fn main() -> ExitCode {
             {
                 // Replaces this process on success; returns only if the agent could not start.
                 steps.run("agent", || run::run(&workspace, &args));
+            }
+            steps.finish()
+        }
+        Task::Bench(args) => {
+            let mut steps = Steps::new("bench");
+            if steps.run("setup", || setup::setup(&workspace))
+                && steps.run("build", || cargo::build(&workspace, true))
+            {
+                steps.run("bench", || bench::bench(&workspace, &args));
             }
             steps.finish()
         }

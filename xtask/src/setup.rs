@@ -19,7 +19,8 @@ const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 const ACTIVE_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 /// LLVM 22 development files (bpf-linker links against them; from bookworm-security), and the
 /// tools the data-path tests use: ip, ethtool, nsenter and mount, sysctl; the CNI plugins
-/// (`bridge`, `host-local` in /usr/lib/cni) that the lb-cni tests chain after.
+/// (`bridge`, `host-local` in /usr/lib/cni) that the lb-cni tests chain after; iptables and
+/// nftables for the kube-proxy baselines of `cargo xtask bench`.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
@@ -30,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "containernetworking-plugins",
+    "iptables",
+    "nftables",
 ];
 const LLVM_MAJOR: u32 = 22;
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

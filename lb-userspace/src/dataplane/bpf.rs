@@ -124,6 +124,43 @@ fn collect<K: aya::Pod, V: aya::Pod>(
         .map_err(map_err("iterate", name))
 }
 
+/// Tries before an insert that keeps failing with ENOMEM is reported.
+const ENOMEM_TRIES: u32 = 8;
+/// First pause after an ENOMEM; doubled on each further try (1+2+...+128 ms at most, 255 ms).
+const ENOMEM_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Runs `insert` again while it fails with ENOMEM, pausing a little longer each time.
+///
+/// The per-CPU stats maps are created without preallocation, so the kernel allocates each
+/// element on insert from per-CPU caches that it refills in the background (bpf_mem_alloc).
+/// Thousands of inserts in a row, as when 10k Services are programmed from empty, can drain a
+/// cache before the refill ran; the insert then fails with ENOMEM although memory is there.
+/// Retrying after a short pause lets the refill run. Other errors, and an ENOMEM that persists,
+/// are returned as they are.
+fn retry_enomem<T>(
+    mut insert: impl FnMut() -> std::result::Result<T, aya::maps::MapError>,
+) -> std::result::Result<T, aya::maps::MapError> {
+    let mut pause = ENOMEM_FIRST_PAUSE;
+    let mut tries = 1;
+    loop {
+        match insert() {
+            Err(e) if tries < ENOMEM_TRIES && is_enomem(&e) => {
+                std::thread::sleep(pause);
+                pause *= 2;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_enomem(e: &aya::maps::MapError) -> bool {
+    matches!(
+        e,
+        aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOMEM)
+    )
+}
+
 /// Deleting a key that is already gone is not an error: the goal state is reached.
 fn tolerate_missing(
     r: std::result::Result<(), aya::maps::MapError>,
@@ -145,42 +182,36 @@ impl Dataplane for BpfMaps {
         collect(&self.rev_nat, map_names::REV_NAT)
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
-        self.services
-            .insert(key, value, 0)
+        retry_enomem(|| self.services.insert(key, value, 0))
             .map_err(map_err("insert", map_names::SERVICES))
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<()> {
         tolerate_missing(self.services.remove(&key)).map_err(map_err("delete", map_names::SERVICES))
     }
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<()> {
-        self.backends
-            .insert(id, value, 0)
+        retry_enomem(|| self.backends.insert(id, value, 0))
             .map_err(map_err("insert", map_names::BACKENDS))
     }
     fn delete_backend(&mut self, id: u32) -> Result<()> {
         tolerate_missing(self.backends.remove(&id)).map_err(map_err("delete", map_names::BACKENDS))
     }
     fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
-        self.rev_nat
-            .insert(id, value, 0)
+        retry_enomem(|| self.rev_nat.insert(id, value, 0))
             .map_err(map_err("insert", map_names::REV_NAT))
     }
     fn reset_stats(&mut self, of: StatsOf) -> Result<()> {
-        let zero = PerCpuValues::try_from(vec![TrafficCounters::default(); self.nr_cpus]).map_err(
-            |e| Error::Map {
-                op: "build per-CPU value",
-                map: map_names::FRONTEND_STATS,
-                source: aya::maps::MapError::IoError(e),
-            },
-        )?;
+        let nr_cpus = self.nr_cpus;
+        // A fresh value per try: the insert takes it by value.
+        let zero = || {
+            PerCpuValues::try_from(vec![TrafficCounters::default(); nr_cpus])
+                .map_err(aya::maps::MapError::IoError)
+        };
         match of {
-            StatsOf::Frontend(id) => self
-                .frontend_stats
-                .insert(id as u32, zero, 0)
-                .map_err(map_err("insert", map_names::FRONTEND_STATS)),
-            StatsOf::Backend(id) => self
-                .backend_stats
-                .insert(id, zero, 0)
+            StatsOf::Frontend(id) => {
+                retry_enomem(|| self.frontend_stats.insert(id as u32, zero()?, 0))
+                    .map_err(map_err("insert", map_names::FRONTEND_STATS))
+            }
+            StatsOf::Backend(id) => retry_enomem(|| self.backend_stats.insert(id, zero()?, 0))
                 .map_err(map_err("insert", map_names::BACKEND_STATS)),
         }
     }
@@ -238,4 +269,52 @@ fn range_key(rev_nat_id: u16, range: Ipv4Net) -> LpmKey<SourceRangeKey> {
         SourceRangeKey::ID_BITS + range.prefix_len() as u32,
         SourceRangeKey::new(rev_nat_id, lb_common::ipv4_to_net(range.addr())),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enomem() -> aya::maps::MapError {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })
+    }
+
+    #[test]
+    fn insert_failing_with_enomem_a_few_times_is_retried_until_it_succeeds() {
+        let mut calls = 0;
+        let r = retry_enomem(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(enomem())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+    }
+
+    #[test]
+    fn persistent_enomem_is_reported_after_the_last_try() {
+        let mut calls = 0;
+        let r: std::result::Result<(), _> = retry_enomem(|| {
+            calls += 1;
+            Err(enomem())
+        });
+        assert!(is_enomem(&r.unwrap_err()));
+        assert_eq!(calls, ENOMEM_TRIES);
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let mut calls = 0;
+        let r: std::result::Result<(), _> = retry_enomem(|| {
+            calls += 1;
+            Err(aya::maps::MapError::KeyNotFound)
+        });
+        assert!(matches!(r, Err(aya::maps::MapError::KeyNotFound)));
+        assert_eq!(calls, 1);
+    }
 }

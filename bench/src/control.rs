@@ -1,0 +1,342 @@
+//! Control plane and memory: how long each contender takes to program N Services x M endpoints
+//! from empty, how long one endpoint change takes to reach the kernel, and what the agent costs
+//! in memory once everything is programmed.
+//!
+//! - lb: the real agent on a manifests directory (files of 100 Services). From empty = agent
+//!   start to its first "maps programmed" log line (also its own `elapsed_us` for the apply).
+//!   One change = one manifest file rewritten (rename into place) with one endpoint address of one
+//!   Service changed; measured from the rename to the agent's next "maps programmed" line, and
+//!   the agent's own `since_change_us` (from the poll that saw the change to maps programmed).
+//! - iptables: `iptables-restore` of the full nat table from empty; one change = the full
+//!   restore again with the changed endpoint (what kube-proxy's full sync does).
+//! - nftables: `nft -f` of the whole table from empty; one change = the incremental transaction
+//!   kube-proxy's nftables mode sends (rewrite the service chain, add/delete endpoint chains).
+//! - Memory: the agent's VmRSS and VmHWM from /proc, and BPF map memory as the sum of `memlock`
+//!   over the map fds the agent holds (/proc/<pid>/fdinfo), as bpftool reports it.
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use lb_tests::{BpfFs, ChildGuard, Node};
+
+use crate::{
+    e2e::{load_rules, start_agent, TempDir},
+    kube_proxy, percentile,
+    scenario::Scenario,
+    Args, Part, Plan, Results,
+};
+
+pub fn run(args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
+    let scenario = Scenario {
+        services: plan.control_services,
+        endpoints_per_service: plan.control_endpoints,
+        target_endpoints: crate::e2e::BACKENDS.to_vec(),
+    };
+    let size = format!(
+        "{} services x {} endpoints",
+        scenario.services, scenario.endpoints_per_service
+    );
+    results.notes.push(format!(
+        "Control plane: {size}; the agent runs with --poll-interval-ms {} (the manifests source \
+         polls the directory; the wall-clock figure includes up to one interval). Changes: {} for \
+         lb, {} for iptables (each a full restore), {} for nftables; p99 of fewer than 100 \
+         samples is their maximum.",
+        plan.poll_interval_ms, plan.changes_agent, plan.changes_iptables, plan.changes_nft
+    ));
+    let control = plan.wants(&args.only, Part::Control);
+    agent(args, plan, &scenario, &size, control, results)?;
+    if control {
+        iptables(plan, &scenario, &size, results)?;
+        nftables(plan, &scenario, &size, results)?;
+    }
+    Ok(())
+}
+
+/// The JSON log lines of the agent that report a finished sync.
+fn syncs(agent: &ChildGuard) -> Vec<serde_json::Value> {
+    agent
+        .logs()
+        .lines()
+        .filter(|l| l.contains("maps programmed"))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn field(v: &serde_json::Value, name: &str) -> Option<f64> {
+    v.get("fields")
+        .and_then(|f| f.get(name))
+        .or_else(|| v.get(name))
+        .and_then(|x| x.as_f64())
+}
+
+fn wait_for_syncs(agent: &mut ChildGuard, count: usize, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if syncs(agent).len() >= count {
+            return Ok(());
+        }
+        if !agent.is_running() {
+            bail!("the agent exited; log:\n{}", agent.logs());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "no sync #{count} within {timeout:?}; agent log tail:\n{}",
+                tail(&agent.logs(), 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn agent(
+    args: &Args,
+    plan: &Plan,
+    scenario: &Scenario,
+    size: &str,
+    control: bool,
+    results: &mut Results,
+) -> Result<()> {
+    let node = Node::new("bench-cp")?;
+    let dir = TempDir::new("bench-cp-manifests")?;
+    for (name, yaml) in scenario.manifest_files() {
+        std::fs::write(dir.0.join(name), yaml)?;
+    }
+    let bpffs = BpfFs::new("bench-cp")?;
+    let start = Instant::now();
+    let mut agent = start_agent(
+        &args.agent_bin,
+        &node,
+        &dir.0,
+        &bpffs,
+        &[],
+        plan.poll_interval_ms,
+    )?;
+    wait_for_syncs(&mut agent, 1, Duration::from_secs(600))?;
+    let from_empty = start.elapsed();
+    let first = syncs(&agent).remove(0);
+    let frontends = field(&first, "frontends").unwrap_or(f64::NAN);
+    eprintln!(
+        "lb-bench: control: agent programmed {size} ({frontends} frontends) in {:.2}s",
+        from_empty.as_secs_f64()
+    );
+    if control {
+        results
+            .figure(
+                &format!("control: program {size} from empty"),
+                "lb",
+                "s",
+                false,
+            )
+            .samples
+            .push(from_empty.as_secs_f64());
+        if let Some(us) = field(&first, "elapsed_us") {
+            results
+                .figure(
+                    &format!("control: program {size} from empty, the agent's own apply time (model + map writes, elapsed_us)"),
+                    "lb",
+                    "s",
+                    false,
+                )
+                .samples
+                .push(us / 1e6);
+        }
+        let mut wall = Vec::new();
+        let mut agent_says = Vec::new();
+        let mut apply = Vec::new();
+        for c in 0..plan.changes_agent {
+            let service = pick(scenario, c);
+            let file = service / Scenario::PER_FILE;
+            let yaml = scenario.file_yaml(file, Some((service, c as u32 + 1)));
+            let before = syncs(&agent).len();
+            let tmp = dir.0.join(".change.tmp");
+            std::fs::write(&tmp, yaml)?;
+            let t = Instant::now();
+            std::fs::rename(&tmp, dir.0.join(Scenario::file_name(file)))?;
+            wait_for_syncs(&mut agent, before + 1, Duration::from_secs(60))?;
+            wall.push(t.elapsed().as_secs_f64() * 1e3);
+            let last = syncs(&agent).pop();
+            if let Some(us) = last.as_ref().and_then(|v| field(v, "since_change_us")) {
+                agent_says.push(us / 1e3);
+            }
+            if let Some(us) = last.as_ref().and_then(|v| field(v, "elapsed_us")) {
+                apply.push(us / 1e3);
+            }
+        }
+        push_latencies(
+            results,
+            &format!("control: one endpoint change until programmed, {size}"),
+            "lb",
+            &wall,
+        );
+        push_latencies(
+            results,
+            &format!("control: one endpoint change until programmed, {size}, as the agent measures it (since_change_us)"),
+            "lb",
+            &agent_says,
+        );
+        push_latencies(
+            results,
+            &format!("control: one endpoint change, {size}, the agent's sync alone (model + diff + map writes, elapsed_us)"),
+            "lb",
+            &apply,
+        );
+    }
+    if plan.wants(&args.only, Part::Memory) {
+        memory(&agent, size, results)?;
+    }
+    Ok(())
+}
+
+/// The Service changed by change `c`: spread over all of them, never the target.
+fn pick(scenario: &Scenario, c: usize) -> usize {
+    let mut s = (c * 7_919 + 13) % scenario.services;
+    if s == scenario.target() {
+        s = (s + 1) % scenario.services;
+    }
+    s
+}
+
+/// p50 and p99 figures of a series of latencies (ms).
+fn push_latencies(results: &mut Results, group: &str, mode: &str, ms: &[f64]) {
+    for p in [50.0, 99.0] {
+        let f = results.figure(&format!("{group}, p{p}"), mode, "ms", false);
+        f.samples = vec![percentile(ms, p)];
+        f.note = Some(format!("{} changes", ms.len()));
+    }
+}
+
+fn memory(agent: &ChildGuard, size: &str, results: &mut Results) -> Result<()> {
+    let pid = agent.pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |key: &str| -> Result<f64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .with_context(|| format!("{key} in /proc/{pid}/status"))
+    };
+    let mib = |k: f64| k / 1024.0;
+    results
+        .figure(&format!("memory: agent VmRSS, {size}"), "lb", "MiB", false)
+        .samples
+        .push(mib(kib("VmRSS:")?));
+    results
+        .figure(
+            &format!("memory: agent VmHWM (peak RSS), {size}"),
+            "lb",
+            "MiB",
+            false,
+        )
+        .samples
+        .push(mib(kib("VmHWM:")?));
+    let (maps, bytes) = map_memlock(pid)?;
+    let f = results.figure(
+        &format!("memory: BPF maps (memlock of the agent's map fds), {size}"),
+        "lb",
+        "MiB",
+        false,
+    );
+    f.samples.push(bytes as f64 / (1024.0 * 1024.0));
+    f.note = Some(format!("{maps} maps"));
+    Ok(())
+}
+
+/// (number of distinct maps, sum of memlock bytes) over the BPF map fds of `pid`.
+fn map_memlock(pid: u32) -> Result<(usize, u64)> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        if !text.contains("map_type:") {
+            continue;
+        }
+        let get = |key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        };
+        let id = get("map_id:").unwrap_or(0);
+        if seen.insert(id) {
+            total += get("memlock:").unwrap_or(0);
+        }
+    }
+    Ok((seen.len(), total))
+}
+
+fn iptables(plan: &Plan, scenario: &Scenario, size: &str, results: &mut Results) -> Result<()> {
+    let node = Node::new("bench-cp-ipt")?;
+    let full = kube_proxy::iptables_rules(&scenario.ports(None));
+    let took = load_rules(&node.ns, "iptables-restore", &[], &full)?;
+    eprintln!(
+        "lb-bench: control: iptables-restore of {size} from empty: {:.2}s",
+        took.as_secs_f64()
+    );
+    results
+        .figure(
+            &format!("control: program {size} from empty"),
+            "iptables",
+            "s",
+            false,
+        )
+        .samples
+        .push(took.as_secs_f64());
+    let mut ms = Vec::new();
+    for c in 0..plan.changes_iptables {
+        let rules =
+            kube_proxy::iptables_rules(&scenario.ports(Some((pick(scenario, c), c as u32 + 1))));
+        ms.push(load_rules(&node.ns, "iptables-restore", &[], &rules)?.as_secs_f64() * 1e3);
+    }
+    push_latencies(
+        results,
+        &format!("control: one endpoint change until programmed, {size}"),
+        "iptables",
+        &ms,
+    );
+    Ok(())
+}
+
+fn nftables(plan: &Plan, scenario: &Scenario, size: &str, results: &mut Results) -> Result<()> {
+    let node = Node::new("bench-cp-nft")?;
+    let base = scenario.ports(None);
+    let took = load_rules(&node.ns, "nft", &["-f"], &kube_proxy::nft_rules(&base))?;
+    eprintln!(
+        "lb-bench: control: nft -f of {size} from empty: {:.2}s",
+        took.as_secs_f64()
+    );
+    results
+        .figure(
+            &format!("control: program {size} from empty"),
+            "nftables",
+            "s",
+            false,
+        )
+        .samples
+        .push(took.as_secs_f64());
+    // The current endpoints of every changed Service (a Service may be changed more than once).
+    let mut current = base.clone();
+    let mut ms = Vec::new();
+    for c in 0..plan.changes_nft {
+        let s = pick(scenario, c);
+        let new_ports = scenario.ports(Some((s, c as u32 + 1)));
+        let i = current
+            .iter()
+            .position(|p| p.index == s)
+            .context("changed Service has a port")?;
+        let tx = kube_proxy::nft_change(&current[i], &new_ports[i]);
+        ms.push(load_rules(&node.ns, "nft", &["-f"], &tx)?.as_secs_f64() * 1e3);
+        current[i] = new_ports[i].clone();
+    }
+    push_latencies(
+        results,
+        &format!("control: one endpoint change until programmed, {size}"),
+        "nftables",
+        &ms,
+    );
+    Ok(())
+}
