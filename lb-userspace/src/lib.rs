@@ -6,6 +6,7 @@ pub mod cgroup_hooks;
 pub mod cleanup;
 pub mod cni;
 pub mod conntrack_gc;
+pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod inspect;

@@ -15,7 +15,7 @@
 //! counters (one per backend id, shared by every frontend using that address) carry every
 //! ServicePort that uses the backend, comma-separated.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddrV4,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -36,7 +36,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, Desired, FrontendAddr},
+    dataplane::{bpf::BpfMaps, BackendAddr, Dataplane, DesiredFrontend, FrontendAddr},
     inspect::{protocol_name, scope_name},
 };
 
@@ -49,11 +49,12 @@ pub struct Metrics {
     service_ports: Arc<Mutex<ServicePorts>>,
 }
 
-/// ServicePort names per frontend and per backend, from the last successful sync.
+/// ServicePort names per frontend and per backend, as the desired state has them.
 #[derive(Debug, Default)]
 struct ServicePorts {
     frontends: BTreeMap<FrontendAddr, String>,
-    backends: BTreeMap<BackendAddr, BTreeSet<String>>,
+    /// Per backend, its ServicePorts with the number of frontends through which it is one.
+    backends: BTreeMap<BackendAddr, BTreeMap<String, u32>>,
 }
 
 impl Metrics {
@@ -87,23 +88,55 @@ impl Metrics {
         }
     }
 
-    /// Records a successful sync of `desired`, `seconds` after the change it carries.
-    pub fn synced(&self, desired: &Desired, seconds: Option<f64>) {
+    /// Records a successful sync, `seconds` after the change it carries.
+    pub fn synced(&self, seconds: Option<f64>) {
         if let Some(s) = seconds {
             self.sync_duration.observe(s);
         }
-        let mut names = ServicePorts::default();
-        for (fe, d) in desired {
-            names.frontends.insert(*fe, d.service_port.clone());
-            for b in &d.backends {
-                names
-                    .backends
-                    .entry(*b)
-                    .or_default()
-                    .insert(d.service_port.clone());
+    }
+
+    /// Follows the desired state's changes (`(frontend, before, after)`) for the names that
+    /// label the series.
+    pub fn desired_changed<'a>(
+        &self,
+        changes: impl IntoIterator<
+            Item = (
+                FrontendAddr,
+                Option<&'a DesiredFrontend>,
+                Option<&'a DesiredFrontend>,
+            ),
+        >,
+    ) {
+        let mut names = self.service_ports.lock().unwrap_or_else(|e| e.into_inner());
+        for (fe, before, after) in changes {
+            if let Some(d) = before {
+                names.frontends.remove(&fe);
+                for b in &d.backends {
+                    if let Some(sps) = names.backends.get_mut(b) {
+                        if let Some(n) = sps.get_mut(&d.service_port) {
+                            *n -= 1;
+                            if *n == 0 {
+                                sps.remove(&d.service_port);
+                            }
+                        }
+                        if sps.is_empty() {
+                            names.backends.remove(b);
+                        }
+                    }
+                }
+            }
+            if let Some(d) = after {
+                names.frontends.insert(fe, d.service_port.clone());
+                for b in &d.backends {
+                    *names
+                        .backends
+                        .entry(*b)
+                        .or_default()
+                        .entry(d.service_port.clone())
+                        .or_default() += 1;
+                }
             }
         }
-        *self.service_ports.lock().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
     /// Records a failed sync.
@@ -189,7 +222,7 @@ impl MapCollector {
             let sp = names
                 .backends
                 .get(&b)
-                .map(|s| s.iter().cloned().collect::<Vec<_>>().join(","))
+                .map(|s| s.keys().cloned().collect::<Vec<_>>().join(","))
                 .unwrap_or_default();
             view.backends.push(Row {
                 labels: vec![

@@ -11,6 +11,7 @@ use std::{
 
 use fake_apiserver::{FakeApiServer, Kind};
 use lb_userspace::{
+    control::Control,
     dataplane::{self, fake::FakeMaps, FrontendAddr, Writer},
     model,
     sources::{
@@ -95,10 +96,11 @@ fn want(entries: &[(&str, &[&str])]) -> Programmed {
         .collect()
 }
 
-/// The agent's loop, with the fake dataplane: take the newest snapshot, build the model, apply.
+/// The agent's loop, with the fake dataplane: take the newest snapshot and run the agent's own
+/// pipeline ([`Control`]) on it.
 struct Agent {
     feed: Feed,
-    writer: Writer,
+    control: Control,
     maps: FakeMaps,
     applies: usize,
     last: Option<Snapshot>,
@@ -116,7 +118,7 @@ impl Agent {
         let writer = Writer::adopt(&maps).expect("adopting the fake maps");
         Self {
             feed,
-            writer,
+            control: Control::new(writer),
             maps,
             applies: 0,
             last: None,
@@ -138,13 +140,17 @@ impl Agent {
             node_addresses: snapshot.node_addresses.clone().unwrap_or_default(),
             ..Default::default()
         };
-        let (model, _warnings) = model::build(&snapshot.objects, &config);
-        self.writer
-            .apply(&mut self.maps, &dataplane::desired(&model))
+        self.control
+            .sync(&snapshot.changes, &config, &mut self.maps)
+            .result
             .expect("applying to the fake maps");
+        // The incremental model is the one a full rebuild from the same objects gives.
+        let store = self.control.incremental().store();
+        let (rebuilt, _) = model::build(&store.objects(), &config);
+        assert_eq!(*self.control.model(), rebuilt);
+        assert_eq!(*self.control.desired(), dataplane::desired(&rebuilt));
         self.applies += 1;
-        self.services_per_apply
-            .push(snapshot.objects.services.len());
+        self.services_per_apply.push(store.services.len());
         self.last = Some(snapshot);
         true
     }
@@ -186,19 +192,16 @@ fn services_and_slices_created_updated_and_deleted_converge() {
     let mut agent = Agent::start(&server, FakeMaps::default());
     agent.converge(&want(&[("198.19.0.10", &["198.18.1.1"])]), "initial sync");
 
-    // The snapshot carries the trimmed objects and this node's facts.
+    // The snapshots carry the trimmed objects and this node's facts.
     let snapshot = agent.last.clone().unwrap();
+    let objects = agent.control.incremental().store().objects();
     assert_eq!(
         snapshot.node_addresses,
         Some(vec!["192.0.2.10".parse().unwrap()]),
         "the Node's InternalIP becomes the node address"
     );
-    assert_eq!(
-        snapshot.objects.nodes.len(),
-        1,
-        "only our own Node is watched"
-    );
-    let own = &snapshot.objects.nodes[0];
+    assert_eq!(objects.nodes.len(), 1, "only our own Node is watched");
+    let own = &objects.nodes[0];
     assert_eq!(
         own.metadata
             .labels
@@ -209,11 +212,9 @@ fn services_and_slices_created_updated_and_deleted_converge() {
         vec!["topology.kubernetes.io/zone"]
     );
     assert!(own.spec.is_none() && own.status.as_ref().unwrap().images.is_none());
-    let svc = &snapshot.objects.services[0];
+    let svc = &objects.services[0];
     assert!(svc.metadata.annotations.is_none() && svc.metadata.managed_fields.is_none());
-    assert!(snapshot.objects.endpoint_slices[0].endpoints[0]
-        .target_ref
-        .is_none());
+    assert!(objects.endpoint_slices[0].endpoints[0].target_ref.is_none());
 
     server.apply(
         Kind::EndpointSlice,
@@ -499,7 +500,7 @@ fn kubeconfig_file_reaches_the_server() {
         .next(CONVERGE)
         .expect("source stopped")
         .expect("no snapshot within the wait through --kubeconfig");
-    assert_eq!(snapshot.objects.services.len(), 1);
+    assert_eq!(snapshot.changes.services.len(), 1);
     drop(feed);
     std::fs::remove_dir_all(&dir).unwrap();
 }

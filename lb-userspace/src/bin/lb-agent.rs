@@ -12,7 +12,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_userspace::{
-    dataplane::{self, bpf::BpfMaps, maglev::TableSize, Writer},
+    control::Control,
+    dataplane::{bpf::BpfMaps, maglev::TableSize, Writer},
     health::{self, Health},
     loader,
     metrics::Metrics,
@@ -259,12 +260,13 @@ fn run(args: Args) -> Result<()> {
     }
     let mut maps = BpfMaps::from_ebpf(&mut ebpf)?;
     let mut sockets = SockMap::open(&args.bpffs)?;
-    let mut writer = Writer::adopt_with_table_size(&maps, args.maglev_table_size)?;
+    let writer = Writer::adopt_with_table_size(&maps, args.maglev_table_size)?;
     info!(
         frontends = writer.frontend_count(),
         backends = writer.backend_count(),
         "adopted existing map state"
     );
+    let mut control = Control::new(writer);
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -313,38 +315,36 @@ fn run(args: Args) -> Result<()> {
     });
     // The stop flag is checked at least this often while the source is quiet.
     let tick = Duration::from_millis(200);
-    // A snapshot whose apply failed, retried after RETRY_AFTER unless a newer one arrives.
-    let mut failed: Option<(Snapshot, Instant)> = None;
+    // After a failed apply, when to try again (a newer snapshot tries at once).
+    let mut retry_at: Option<Instant> = None;
+    // The source's view of this node's addresses (the Node object) wins over interfaces.
+    let mut source_node_addresses = None;
     while !stop.load(Ordering::Relaxed) {
         let snapshot = match feed.next(tick)? {
-            Some(s) => Some(s),
-            None => match failed.take() {
-                Some((s, at)) if at.elapsed() >= RETRY_AFTER => Some(s),
-                other => {
-                    failed = other;
-                    None
-                }
-            },
+            Some(s) => {
+                source_node_addresses = s.node_addresses.clone();
+                s
+            }
+            // Nothing new: a retry applies everything the model holds.
+            None if retry_at.is_some_and(|at| Instant::now() >= at) => Snapshot::default(),
+            None => continue,
         };
-        let Some(snapshot) = snapshot else { continue };
-        // The source's view of this node's addresses (the Node object) wins over interfaces.
-        config.node_addresses = snapshot
-            .node_addresses
+        config.node_addresses = source_node_addresses
             .clone()
             .unwrap_or_else(|| local_node_addresses.clone());
         if sync(
             &snapshot,
             &config,
-            &mut writer,
+            &mut control,
             &mut maps,
             &mut sockets,
             &metrics,
             &mut hc_servers,
         ) {
             health.set_ready();
-            failed = None;
+            retry_at = None;
         } else {
-            failed = Some((snapshot, Instant::now()));
+            retry_at = Some(Instant::now() + RETRY_AFTER);
         }
     }
     drop(feed);
@@ -471,11 +471,11 @@ fn detach_everything(bpffs: &std::path::Path) -> usize {
     detached
 }
 
-/// Applies one snapshot; true when the maps now hold it.
+/// Applies one snapshot; true when the maps now hold everything the model holds.
 fn sync(
     snapshot: &Snapshot,
     config: &model::Config,
-    writer: &mut Writer,
+    control: &mut Control,
     maps: &mut BpfMaps,
     sockets: &mut SockMap,
     metrics: &Metrics,
@@ -485,23 +485,31 @@ fn sync(
     for w in &snapshot.warnings {
         warn!("{w}");
     }
-    let objects = &snapshot.objects;
-    let (model, warnings) = model::build(objects, config);
-    for w in &warnings {
+    let synced = control.sync(&snapshot.changes, config, maps);
+    for w in &synced.warnings {
         warn!("{w}");
     }
-    let desired = dataplane::desired(&model);
+    metrics.desired_changed(
+        synced
+            .frontend_changes
+            .iter()
+            .map(|(fe, (before, after))| (*fe, before.as_ref(), after.as_ref())),
+    );
     // Health checks report the model (local endpoints), whatever the maps; they follow every sync.
-    hc_servers.sync(&service_health::wanted(&model));
-    match writer.apply(maps, &desired) {
+    hc_servers.sync(&service_health::wanted(control.model()));
+    match synced.result {
         Ok(stats) => {
             let latency = snapshot.changed_at.map(|t| t.elapsed());
-            metrics.synced(&desired, latency.map(|l| l.as_secs_f64()));
+            metrics.synced(latency.map(|l| l.as_secs_f64()));
+            let store = control.incremental().store();
             info!(
-                services = objects.services.len(),
-                slices = objects.endpoint_slices.len(),
-                service_ports = model.service_ports.len(),
-                frontends = desired.len(),
+                services = store.services.len(),
+                slices = store.endpoint_slices.len(),
+                service_ports = control.model().service_ports.len(),
+                frontends = control.desired().len(),
+                objects_changed = snapshot.changes.len(),
+                services_recomputed = synced.recomputed,
+                full = synced.full_apply,
                 changed = stats.frontends_changed,
                 removed = stats.frontends_removed,
                 backends_added = stats.backends_added,
@@ -518,7 +526,7 @@ fn sync(
         Err(e) => {
             metrics.sync_failed();
             error!(
-                "programming maps failed: {e}; retrying in {RETRY_AFTER:?} or on the next change"
+                "programming maps failed: {e}; retrying everything in {RETRY_AFTER:?} or on the next change"
             );
             false
         }

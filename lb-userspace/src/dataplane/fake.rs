@@ -27,6 +27,8 @@ pub struct FakeMaps {
     pub log: Vec<String>,
     /// Skip the per-operation consistency check (quadratic), for tests of sheer size.
     pub skip_checks: bool,
+    /// Refuse every service-map write, as a full or broken map would.
+    pub fail_writes: bool,
 }
 
 impl FakeMaps {
@@ -138,6 +140,12 @@ impl Dataplane for FakeMaps {
         Ok(self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+        if self.fail_writes {
+            return Err(Error::Fake(format!(
+                "injected failure writing slot {}",
+                key.slot
+            )));
+        }
         self.services.insert(key, value);
         self.after(format!("put service slot {}", key.slot))
     }

@@ -26,7 +26,9 @@ use lb_common::{
     BackendValue, RevNatValue, ServiceKey, ServiceValue,
 };
 
-use crate::model::{FrontendKind, IpFamily, Model, Origin, Protocol, Scheduler, WhenEmpty};
+use crate::model::{
+    FrontendKind, IpFamily, Model, Origin, Protocol, Scheduler, ServicePort, WhenEmpty,
+};
 pub use writer::{ApplyStats, Writer};
 
 /// A frontend as the maps see it: address, port, protocol and the traffic it serves
@@ -163,9 +165,45 @@ pub type Desired = BTreeMap<FrontendAddr, DesiredFrontend>;
 pub fn desired(model: &Model) -> Desired {
     let mut out = Desired::new();
     for sp in model.service_ports.values() {
-        if sp.family != IpFamily::V4 || sp.id.protocol == Protocol::Sctp {
-            continue;
+        desired_of(sp, &mut out);
+    }
+    out
+}
+
+/// The frontends whose desired content differs between two versions of some ServicePorts
+/// (`(before, after)` per ServicePort, as [`crate::model::incremental::changed_ports`] gives):
+/// `Some` for a frontend to write, `None` for one to remove.
+pub fn desired_changes<'a>(
+    ports: impl IntoIterator<Item = (Option<&'a ServicePort>, Option<&'a ServicePort>)>,
+) -> BTreeMap<FrontendAddr, Option<DesiredFrontend>> {
+    let (mut before, mut after) = (Desired::new(), Desired::new());
+    for (old, new) in ports {
+        if let Some(sp) = old {
+            desired_of(sp, &mut before);
         }
+        if let Some(sp) = new {
+            desired_of(sp, &mut after);
+        }
+    }
+    let mut out: BTreeMap<FrontendAddr, Option<DesiredFrontend>> = before
+        .keys()
+        .filter(|fe| !after.contains_key(fe))
+        .map(|fe| (*fe, None))
+        .collect();
+    for (fe, want) in after {
+        if before.get(&fe) != Some(&want) {
+            out.insert(fe, Some(want));
+        }
+    }
+    out
+}
+
+/// Adds the frontends of one ServicePort to `out` (see [`desired`]).
+pub fn desired_of(sp: &ServicePort, out: &mut Desired) {
+    if sp.family != IpFamily::V4 || sp.id.protocol == Protocol::Sctp {
+        return;
+    }
+    {
         let proto = sp.id.protocol.number();
         let local: BTreeSet<SocketAddr> = sp
             .endpoints
@@ -311,7 +349,6 @@ pub fn desired(model: &Model) -> Desired {
             }
         }
     }
-    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +361,8 @@ pub enum Error {
     },
     #[error("no free {what} id: all {max} are in use")]
     IdsExhausted { what: &'static str, max: u32 },
+    #[error("the writer needs a full apply first (it was adopted or an apply failed)")]
+    NeedsFullApply,
     #[error("fake dataplane: {0}")]
     Fake(String),
 }

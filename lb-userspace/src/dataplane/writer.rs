@@ -36,7 +36,7 @@ use lb_common::{
 
 use super::{
     maglev::{self, TableSize},
-    BackendAddr, Dataplane, Desired, Error, FrontendAddr, Result, StatsOf,
+    BackendAddr, Dataplane, Desired, DesiredFrontend, Error, FrontendAddr, Result, StatsOf,
 };
 
 /// What the writer believes one frontend holds in the maps.
@@ -67,9 +67,28 @@ pub struct ApplyStats {
     pub maglev_chunk_writes: usize,
 }
 
+/// How many desired frontends use a backend (in their slots or as draining), and how many of
+/// them say its endpoint is terminating.
+#[derive(Debug, Clone, Copy, Default)]
+struct Refs {
+    users: u32,
+    terminating: u32,
+}
+
 /// Keeps the maps equal to the desired state. Adopts whatever a previous agent left in the maps.
+///
+/// [`Writer::apply`] takes the whole desired state; [`Writer::apply_changes`] only the frontends
+/// that changed, which costs in proportion to the change, not to the number of frontends. For
+/// that the writer counts, per backend, the desired frontends that use it, so that it knows
+/// without a full scan when a backend becomes an orphan. Those counts are known only after a
+/// full apply: a writer fresh from [`Writer::adopt`] (or re-adopted after a failed operation)
+/// [`needs a full apply`](Writer::needs_full_apply) first.
 pub struct Writer {
     frontends: BTreeMap<FrontendAddr, Programmed>,
+    /// The backends each desired frontend uses and those it calls terminating.
+    uses: HashMap<FrontendAddr, (Vec<BackendAddr>, Vec<BackendAddr>)>,
+    refs: HashMap<BackendAddr, Refs>,
+    needs_full: bool,
     backend_ids: HashMap<BackendAddr, u32>,
     used_backend_ids: HashSet<u32>,
     /// Backend ids whose map entry carries `BACKEND_FLAG_TERMINATING`.
@@ -181,6 +200,9 @@ impl Writer {
             .collect();
         let mut writer = Self {
             frontends,
+            uses: HashMap::new(),
+            refs: HashMap::new(),
+            needs_full: true,
             backend_ids,
             used_backend_ids,
             terminating_ids,
@@ -223,16 +245,66 @@ impl Writer {
     /// the maps, so that the next apply works from what they really hold rather than from what
     /// this one meant to write.
     pub fn apply(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
-        let result = self.apply_once(dp, desired);
-        if result.is_err() {
-            if let Ok(actual) = Writer::adopt_with_table_size(dp, self.maglev_size) {
-                *self = actual;
+        let mut changes: Vec<(FrontendAddr, Option<&DesiredFrontend>)> =
+            desired.iter().map(|(fe, d)| (*fe, Some(d))).collect();
+        changes.extend(
+            self.frontends
+                .keys()
+                .filter(|fe| !desired.contains_key(fe))
+                .map(|fe| (*fe, None)),
+        );
+        changes.sort_by_key(|(fe, _)| *fe);
+        self.run(dp, &changes, true)
+    }
+
+    /// Applies the changed frontends only: `Some` to write, `None` to remove; frontends not
+    /// named stay as they are. Same order and guarantees as [`Writer::apply`]. Refused while
+    /// [`Writer::needs_full_apply`].
+    pub fn apply_changes(
+        &mut self,
+        dp: &mut impl Dataplane,
+        changes: &BTreeMap<FrontendAddr, Option<DesiredFrontend>>,
+    ) -> Result<ApplyStats> {
+        if self.needs_full {
+            return Err(Error::NeedsFullApply);
+        }
+        let changes: Vec<(FrontendAddr, Option<&DesiredFrontend>)> =
+            changes.iter().map(|(fe, d)| (*fe, d.as_ref())).collect();
+        self.run(dp, &changes, false)
+    }
+
+    /// True until a full [`Writer::apply`] succeeded (after adoption, or after a failure).
+    pub fn needs_full_apply(&self) -> bool {
+        self.needs_full
+    }
+
+    fn run(
+        &mut self,
+        dp: &mut impl Dataplane,
+        changes: &[(FrontendAddr, Option<&DesiredFrontend>)],
+        full: bool,
+    ) -> Result<ApplyStats> {
+        let result = self.apply_once(dp, changes, full);
+        match &result {
+            Ok(_) if full => self.needs_full = false,
+            Ok(_) => {}
+            Err(_) => {
+                if let Ok(actual) = Writer::adopt_with_table_size(dp, self.maglev_size) {
+                    *self = actual;
+                }
+                // Whatever happened, the counts may be off now.
+                self.needs_full = true;
             }
         }
         result
     }
 
-    fn apply_once(&mut self, dp: &mut impl Dataplane, desired: &Desired) -> Result<ApplyStats> {
+    fn apply_once(
+        &mut self,
+        dp: &mut impl Dataplane,
+        changes: &[(FrontendAddr, Option<&DesiredFrontend>)],
+        full: bool,
+    ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
 
         // 0. Source ranges no master names: harmless now, wrong once their id is reused.
@@ -241,18 +313,54 @@ impl Writer {
             stats.map_deletes += 1;
         }
 
+        // Who uses which backend, after this apply. A full apply counts from scratch.
+        let mut touched: BTreeSet<BackendAddr> = BTreeSet::new();
+        if full {
+            self.uses.clear();
+            self.refs.clear();
+            touched.extend(self.backend_ids.keys().copied());
+        }
+        for (fe, want) in changes {
+            if let Some((used, terminating)) = self.uses.remove(fe) {
+                for b in &used {
+                    let r = self.refs.entry(*b).or_default();
+                    r.users = r.users.saturating_sub(1);
+                    touched.insert(*b);
+                }
+                for b in &terminating {
+                    let r = self.refs.entry(*b).or_default();
+                    r.terminating = r.terminating.saturating_sub(1);
+                }
+            }
+            if let Some(want) = want {
+                let mut used: Vec<BackendAddr> = want
+                    .backends
+                    .iter()
+                    .chain(&want.draining)
+                    .copied()
+                    .collect();
+                used.sort();
+                used.dedup();
+                let terminating: Vec<BackendAddr> = want.terminating.iter().copied().collect();
+                for b in &used {
+                    self.refs.entry(*b).or_default().users += 1;
+                    touched.insert(*b);
+                }
+                for b in &terminating {
+                    self.refs.entry(*b).or_default().terminating += 1;
+                }
+                self.uses.insert(*fe, (used, terminating));
+            }
+        }
+
         // 1. New backends, and backends whose terminating state changed (rewritten in place: the
         // id, and so the flows on it, stay).
-        let wanted: BTreeSet<BackendAddr> = desired
-            .values()
-            .flat_map(|d| d.backends.iter().chain(&d.draining).copied())
-            .collect();
-        let terminating: BTreeSet<BackendAddr> = desired
-            .values()
-            .flat_map(|d| d.terminating.iter().copied())
-            .collect();
-        for b in &wanted {
-            let is_terminating = terminating.contains(b);
+        for b in &touched {
+            let refs = self.refs.get(b).copied().unwrap_or_default();
+            if refs.users == 0 {
+                continue;
+            }
+            let is_terminating = refs.terminating > 0;
             let mut value = b.to_value();
             if is_terminating {
                 value.flags |= BACKEND_FLAG_TERMINATING;
@@ -285,7 +393,7 @@ impl Writer {
         }
 
         // rev-NAT ids of new frontends first, so that affinity groups can name them.
-        for fe in desired.keys() {
+        for (fe, _) in changes.iter().filter(|(_, want)| want.is_some()) {
             if !self.frontends.contains_key(fe) && !self.new_rev_nat.contains_key(fe) {
                 let id = self.alloc_rev_nat_id()?;
                 dp.reset_stats(StatsOf::Frontend(id))?;
@@ -297,7 +405,8 @@ impl Writer {
         }
 
         // 2. New and changed frontends, each slots-then-master.
-        for (fe, want) in desired {
+        for (fe, want) in changes {
+            let Some(want) = want else { continue };
             if want.backends.len() > MAX_SLOTS {
                 tracing::warn!(
                     service_port = %want.service_port,
@@ -418,14 +527,10 @@ impl Writer {
         }
 
         // 3b. Frontends that went away: master, slots, rev-NAT.
-        let gone: Vec<FrontendAddr> = self
-            .frontends
-            .keys()
-            .filter(|fe| !desired.contains_key(fe))
-            .copied()
-            .collect();
-        for fe in gone {
-            let p = self.frontends.remove(&fe).expect("listed above");
+        for (fe, _) in changes.iter().filter(|(_, want)| want.is_none()) {
+            let Some(p) = self.frontends.remove(fe) else {
+                continue;
+            };
             dp.delete_service(fe.key(0))?;
             for slot in 1..=p.slots.len() {
                 dp.delete_service(fe.key(slot as u16))?;
@@ -471,14 +576,14 @@ impl Writer {
         }
 
         // 3c. Backends nobody references any more, last.
-        let orphans: Vec<BackendAddr> = self
-            .backend_ids
-            .keys()
-            .filter(|b| !wanted.contains(b))
-            .copied()
-            .collect();
-        for b in orphans {
-            let id = self.backend_ids.remove(&b).expect("listed above");
+        for b in touched {
+            if self.refs.get(&b).is_some_and(|r| r.users > 0) {
+                continue;
+            }
+            self.refs.remove(&b);
+            let Some(id) = self.backend_ids.remove(&b) else {
+                continue;
+            };
             dp.delete_backend(id)?;
             dp.delete_stats(StatsOf::Backend(id))?;
             self.used_backend_ids.remove(&id);

@@ -12,6 +12,13 @@ use super::{
     MAX_ENDPOINTS_PER_SLICE, SERVICE_NAME_LABEL,
 };
 
+/// The Service a slice belongs to: its namespace and its `kubernetes.io/service-name` label.
+pub(super) fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let (ns, _) = names(&slice.metadata);
+    Some((ns, service.clone()))
+}
+
 /// Slices grouped by the Service their `kubernetes.io/service-name` label names; unlabelled
 /// slices are ignored, as kube-proxy does.
 pub(super) fn slices_by_service<'a>(
@@ -23,19 +30,10 @@ pub(super) fn slices_by_service<'a>(
         if !serves(slice.metadata.labels.as_ref(), config) {
             continue;
         }
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
+        let Some(service) = slice_service(slice) else {
             continue;
         };
-        let (ns, _) = names(&slice.metadata);
-        by_service
-            .entry((ns, service.clone()))
-            .or_default()
-            .push(slice);
+        by_service.entry(service).or_default().push(slice);
     }
     // Input order must not matter.
     for list in by_service.values_mut() {

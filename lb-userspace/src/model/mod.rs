@@ -6,6 +6,7 @@
 //! frontend from this kind of source, which backends may a new flow go to, is it masqueraded, and
 //! what happens when there are none.
 mod endpoints;
+pub mod incremental;
 mod service;
 
 use std::{
@@ -352,7 +353,7 @@ pub(crate) fn warn(object: &str, field: &str, message: impl Into<String>) -> War
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
     /// This node's name; decides which endpoints are local.
     pub node_name: String,

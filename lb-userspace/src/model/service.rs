@@ -17,11 +17,47 @@ use crate::sources::Objects;
 
 type SlicesByService<'a> = BTreeMap<(String, String), Vec<&'a EndpointSlice>>;
 
-/// What earlier Services already claimed, so a later one that collides is the one skipped.
+/// Something only one Service may have: a NodePort, or an address:port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum ClaimKey {
+    NodePort(u16, Protocol),
+    Frontend(IpAddr, u16, Protocol),
+}
+
+/// What earlier Services already claimed, so a later one that collides is the one skipped. It
+/// also records which keys were asked for and whether one was refused: a Service's outcome
+/// depends on other Services only through those keys, which is what lets the incremental model
+/// recompute a changed Service together with just the Services it competes with.
 #[derive(Default)]
-struct Claims {
-    node_ports: BTreeMap<(u16, Protocol), String>,
-    frontends: BTreeMap<(IpAddr, u16, Protocol), String>,
+pub(super) struct Claims {
+    owners: BTreeMap<ClaimKey, String>,
+    pub(super) touched: Vec<ClaimKey>,
+    pub(super) refused: bool,
+}
+
+impl Claims {
+    /// Claims `key` for `object`; the owner's name when an earlier Service has it.
+    fn claim(&mut self, key: ClaimKey, object: &str) -> Result<(), String> {
+        self.touched.push(key.clone());
+        let owner = self.owners.entry(key).or_insert_with(|| object.to_string());
+        if owner == object {
+            Ok(())
+        } else {
+            self.refused = true;
+            Err(owner.clone())
+        }
+    }
+}
+
+/// The order in which Services claim: the oldest first, names breaking ties, so that input order
+/// never matters.
+pub(super) fn claim_order(
+    svc: &Service,
+) -> (Option<k8s_openapi::jiff::Timestamp>, (String, String)) {
+    (
+        svc.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        names(&svc.metadata),
+    )
 }
 
 pub(super) fn add_services(
@@ -39,15 +75,7 @@ pub(super) fn add_services(
         .iter()
         .filter(|s| serves(s.metadata.labels.as_ref(), config))
         .collect();
-    services.sort_by(|a, b| {
-        let key = |s: &Service| {
-            (
-                s.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                names(&s.metadata),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    services.sort_by_key(|s| claim_order(s));
     let mut seen = BTreeSet::new();
     let mut claims = Claims::default();
     for svc in services {
@@ -110,7 +138,7 @@ fn port_field(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn add_service(
+pub(super) fn add_service(
     svc: &Service,
     ns: &str,
     name: &str,
@@ -378,15 +406,17 @@ fn add_service(
             _ => None,
         };
         let node_port = node_port.filter(|np| {
-            let owner = claims.node_ports.entry((*np, protocol)).or_insert_with(|| object.to_string());
-            if owner != object {
-                warnings.push(warn(
-                    object,
-                    &format!("{field}.nodePort"),
-                    format!("{np}/{protocol} is already used by {owner}; NodePort skipped for this Service"),
-                ));
+            match claims.claim(ClaimKey::NodePort(*np, protocol), object) {
+                Ok(()) => true,
+                Err(owner) => {
+                    warnings.push(warn(
+                        object,
+                        &format!("{field}.nodePort"),
+                        format!("{np}/{protocol} is already used by {owner}; NodePort skipped for this Service"),
+                    ));
+                    false
+                }
             }
-            owner == object
         });
         let port_name = port.name.clone().unwrap_or_default();
         let id = ServicePortId {
@@ -436,22 +466,21 @@ fn add_service(
             );
             // An address:port can carry one Service only; the older one keeps it.
             frontends.retain(|fe| {
-                let owner = claims
-                    .frontends
-                    .entry((fe.addr, fe.port, protocol))
-                    .or_insert_with(|| object.to_string());
-                if owner != object {
-                    warnings.push(warn(
-                        object,
-                        &field,
-                        format!(
-                            "{:?} frontend {} is already used by {owner}; skipped",
-                            fe.kind,
-                            SocketAddr::new(fe.addr, fe.port)
-                        ),
-                    ));
+                match claims.claim(ClaimKey::Frontend(fe.addr, fe.port, protocol), object) {
+                    Ok(()) => true,
+                    Err(owner) => {
+                        warnings.push(warn(
+                            object,
+                            &field,
+                            format!(
+                                "{:?} frontend {} is already used by {owner}; skipped",
+                                fe.kind,
+                                SocketAddr::new(fe.addr, fe.port)
+                            ),
+                        ));
+                        false
+                    }
                 }
-                owner == object
             });
             frontends.sort();
             frontends.dedup();

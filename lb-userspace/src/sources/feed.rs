@@ -1,10 +1,11 @@
 //! The hand-off between a source and the agent's apply loop, whatever the source is.
 //!
 //! A source runs on its own thread (the manifests poller, or the Kubernetes reflectors on a small
-//! tokio runtime) and publishes full [`Snapshot`]s into a one-place slot; the agent takes the newest
-//! one when it is ready for it. A snapshot published while the agent is still applying the previous
-//! one replaces any snapshot not yet taken, so a slow apply coalesces changes instead of queueing
-//! them, and the agent never applies a state that is already stale.
+//! tokio runtime) and publishes [`Snapshot`]s of what changed into a one-place slot; the agent
+//! takes what is there when it is ready for it. A snapshot published while the agent is still
+//! applying the previous one is merged into any snapshot not yet taken (for an object changed in
+//! both, the later state wins), so a slow apply coalesces changes instead of queueing them, and
+//! the agent never applies a state that is already stale.
 use std::{
     net::IpAddr,
     path::PathBuf,
@@ -16,16 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
-    manifests::{self, DirWatcher},
-    Objects,
-};
+use super::{inotify::DirEvents, manifests::DirSource, Changes};
 
-/// A complete view of the cluster as a source sees it. Sources publish only complete views: the
-/// Kubernetes source publishes nothing until every watched kind finished its first list.
+/// What changed in the cluster as a source sees it, since its previous snapshot; the first
+/// snapshot names every object. Sources publish only complete views: the Kubernetes source
+/// publishes nothing until every watched kind finished its first list.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub objects: Objects,
+    pub changes: Changes,
     /// This node's addresses as the source knows them (the Node object's InternalIP and ExternalIP
     /// for the Kubernetes source). `None`: the source does not know; the agent uses the addresses
     /// of its interfaces.
@@ -65,15 +64,19 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Replaces any snapshot the agent has not taken yet.
+    /// Merges into any snapshot the agent has not taken yet.
     pub fn publish(&self, mut snapshot: Snapshot) {
         let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());
-        // The replaced snapshot's change is not programmed yet either: measure from the earlier.
-        if let Some(untaken) = state.latest.take() {
+        if let Some(mut untaken) = state.latest.take() {
+            // The untaken snapshot's change is not programmed yet either: measure from the earlier.
             snapshot.changed_at = match (untaken.changed_at, snapshot.changed_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            untaken.changes.merge(std::mem::take(&mut snapshot.changes));
+            snapshot.changes = untaken.changes;
+            untaken.warnings.append(&mut snapshot.warnings);
+            snapshot.warnings = untaken.warnings;
         }
         state.latest = Some(snapshot);
         self.slot.published.notify_all();
@@ -157,37 +160,68 @@ impl Feed {
         }
     }
 
-    /// The manifests directory source: re-reads `dir` whenever its fingerprint changes, checked
-    /// every `poll`. A directory that cannot be read keeps the last published state.
+    /// The manifests directory source: reads what changed in `dir` (see [`DirSource`]), woken by
+    /// inotify as soon as something happens there and in any case every `poll`. A directory that
+    /// cannot be read keeps the last published state.
     pub fn manifests(dir: PathBuf, poll: Duration) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stop);
+        let events = match DirEvents::watch(&dir) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "inotify on the manifests directory failed ({e}); changes are found by polling every {poll:?} only"
+                );
+                None
+            }
+        };
         Self::spawn(
             "manifests",
             Box::new(move || stop_flag.store(true, Ordering::Relaxed)),
             move |publisher| {
-                let mut watcher = DirWatcher::new(&dir);
+                let mut source = DirSource::new(&dir);
+                // The stop flag is checked at least this often.
+                let wait = poll.min(Duration::from_millis(200));
+                let mut last_scan = None::<Instant>;
+                let mut woken = false;
                 while !stop.load(Ordering::Relaxed) {
-                    let polled_at = Instant::now();
-                    match watcher.changed() {
-                        Ok(true) => match manifests::load_dir(&dir) {
-                            Ok((objects, doc_warnings)) => publisher.publish(Snapshot {
-                                objects,
+                    if woken || last_scan.is_none_or(|t| t.elapsed() >= poll) {
+                        let scanned_at = Instant::now();
+                        last_scan = Some(scanned_at);
+                        match source.poll() {
+                            Ok(Some((changes, doc_warnings))) => publisher.publish(Snapshot {
+                                changes,
                                 node_addresses: None,
-                                changed_at: Some(polled_at),
+                                changed_at: Some(scanned_at),
                                 warnings: doc_warnings
                                     .iter()
                                     .map(|w| format!("manifest {w}"))
                                     .collect(),
                             }),
+                            Ok(None) => {}
+                            // A vanished directory keeps the last programmed state: never flush
+                            // on a read error.
                             Err(e) => tracing::warn!("{e}; keeping the current state"),
-                        },
-                        Ok(false) => {}
-                        // A vanished directory keeps the last programmed state: never flush on a
-                        // read error.
-                        Err(e) => tracing::warn!("{e}; keeping the current state"),
+                        }
                     }
-                    std::thread::sleep(poll);
+                    let until_scan = last_scan
+                        .map(|t| poll.saturating_sub(t.elapsed()))
+                        .unwrap_or_default()
+                        .min(wait);
+                    woken = match &events {
+                        Some(events) => events
+                            .wait(until_scan, Duration::from_millis(2))
+                            .unwrap_or_else(|e| {
+                                tracing::warn!("waiting for inotify events: {e}");
+                                std::thread::sleep(until_scan);
+                                false
+                            }),
+                        None => {
+                            std::thread::sleep(until_scan);
+                            false
+                        }
+                    };
                 }
             },
         )
@@ -211,11 +245,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn newest_snapshot_replaces_untaken_ones() {
+    fn untaken_snapshots_merge_and_the_later_state_of_an_object_wins() {
+        use k8s_openapi::api::core::v1::Service;
+        let service = |name: &str, ip: &str| {
+            let mut s = Service::default();
+            s.metadata.name = Some(name.into());
+            s.spec = Some(Default::default());
+            s.spec.as_mut().unwrap().cluster_ip = Some(ip.into());
+            Some(Arc::new(s))
+        };
+        let key = |name: &str| ("default".to_string(), name.to_string());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let feed = Feed::spawn("test", Box::new(|| {}), move |publisher| {
-            for n in 1..=3 {
+            let steps = [
+                vec![
+                    ("a", service("a", "198.19.0.1")),
+                    ("b", service("b", "198.19.0.2")),
+                ],
+                vec![("a", service("a", "198.19.0.3"))],
+                vec![("b", None)],
+            ];
+            for (n, step) in steps.into_iter().enumerate() {
+                let mut changes = Changes::default();
+                for (name, obj) in step {
+                    changes.services.insert(key(name), obj);
+                }
                 publisher.publish(Snapshot {
+                    changes,
                     warnings: vec![n.to_string()],
                     ..Default::default()
                 });
@@ -226,7 +282,20 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10))
             .expect("source thread did not publish within 10 s");
         let got = feed.next(Duration::from_secs(10)).unwrap().unwrap();
-        assert_eq!(got.warnings, vec!["3".to_string()]);
+        assert_eq!(
+            got.warnings,
+            ["0", "1", "2"],
+            "every warning is still logged"
+        );
+        let a = got.changes.services[&key("a")].as_ref().unwrap();
+        assert_eq!(
+            a.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("198.19.0.3")
+        );
+        assert!(
+            got.changes.services[&key("b")].is_none(),
+            "the deletion came last"
+        );
         // The thread has ended: the feed reports it instead of waiting.
         assert!(feed.next(Duration::from_secs(10)).is_err());
     }

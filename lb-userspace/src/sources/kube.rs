@@ -1,5 +1,5 @@
 //! The Kubernetes API source: kube-rs reflectors on Services and EndpointSlices in all namespaces
-//! and on this node's own Node object, publishing full [`Snapshot`]s to the agent.
+//! and on this node's own Node object, publishing [`Snapshot`]s of what changed to the agent.
 //!
 //! What it guarantees, and how:
 //! - **Nothing before the first full sync.** No snapshot is published until every watched kind has
@@ -43,8 +43,9 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::{
+    diff_into,
     feed::{Feed, Publisher, Snapshot},
-    Objects,
+    name_of, Changes, Name,
 };
 use crate::model::ZONE_LABEL;
 
@@ -226,19 +227,26 @@ async fn run(client: Client, options: KubeOptions, publisher: Publisher) {
         warn!("Kubernetes source: a reflector ended before its first sync: {e}");
         return;
     }
-    let snapshot = |changed_at| {
-        let mut s = snapshot(&services, &slices, &nodes, &options.node_name);
+    let mut published = Published::default();
+    let mut snapshot = |changed_at| {
+        let mut s = snapshot(
+            &services,
+            &slices,
+            &nodes,
+            &mut published,
+            &options.node_name,
+        );
         s.changed_at = Some(changed_at);
         s
     };
     let first = snapshot(std::time::Instant::now());
     info!(
-        services = first.objects.services.len(),
-        slices = first.objects.endpoint_slices.len(),
-        node_found = !first.objects.nodes.is_empty(),
+        services = first.changes.services.len(),
+        slices = first.changes.endpoint_slices.len(),
+        node_found = !first.changes.nodes.is_empty(),
         "Kubernetes source: first full sync of Services, EndpointSlices and this Node"
     );
-    if first.objects.nodes.is_empty() {
+    if first.changes.nodes.is_empty() {
         warn!(node = %options.node_name, "no Node object with this name: check --node-name; using the addresses of local interfaces and no zone");
     }
     publisher.publish(first);
@@ -317,29 +325,59 @@ async fn drive<K>(
     }
 }
 
+/// What the source last published, to tell what changed since.
+#[derive(Default)]
+struct Published {
+    services: BTreeMap<Name, Arc<Service>>,
+    slices: BTreeMap<Name, Arc<EndpointSlice>>,
+    nodes: BTreeMap<Name, Arc<Node>>,
+}
+
+/// The changes between what was last published and the stores now. A store keeps the same
+/// allocation for an object that did not change, and a relist's copies carry the same
+/// resourceVersion, so the comparison is cheap and a relist republishes nothing unchanged.
 fn snapshot(
     services: &Store<Service>,
     slices: &Store<EndpointSlice>,
     nodes: &Store<Node>,
+    published: &mut Published,
     node_name: &str,
 ) -> Snapshot {
-    let mut objects = Objects {
-        services: services.state().iter().map(|s| (**s).clone()).collect(),
-        endpoint_slices: slices.state().iter().map(|s| (**s).clone()).collect(),
-        nodes: nodes.state().iter().map(|n| (**n).clone()).collect(),
-    };
-    // Stores are hash maps; a stable order keeps the model's warnings and logs stable.
-    let key = |m: &ObjectMeta| (m.namespace.clone(), m.name.clone());
-    objects.services.sort_by_key(|s| key(&s.metadata));
-    objects.endpoint_slices.sort_by_key(|s| key(&s.metadata));
-    let node_addresses = objects
+    fn keyed<K>(store: &Store<K>, namespaced: bool) -> BTreeMap<Name, Arc<K>>
+    where
+        K: kube::Resource + k8s_openapi::Metadata<Ty = ObjectMeta> + Clone,
+        K::DynamicType: std::hash::Hash + Eq + Clone,
+    {
+        store
+            .state()
+            .into_iter()
+            .map(|o| (name_of(o.metadata(), namespaced), o))
+            .collect()
+    }
+    let mut changes = Changes::default();
+    diff_into(
+        &mut published.services,
+        keyed(services, true),
+        &mut changes.services,
+    );
+    diff_into(
+        &mut published.slices,
+        keyed(slices, true),
+        &mut changes.endpoint_slices,
+    );
+    diff_into(
+        &mut published.nodes,
+        keyed(nodes, false),
+        &mut changes.nodes,
+    );
+    let node_addresses = published
         .nodes
-        .iter()
+        .values()
         .find(|n| n.metadata.name.as_deref() == Some(node_name))
-        .map(node_addresses)
+        .map(|n| node_addresses(n))
         .filter(|a| !a.is_empty());
     Snapshot {
-        objects,
+        changes,
         node_addresses,
         warnings: Vec::new(),
         changed_at: None,
