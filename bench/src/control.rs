@@ -36,10 +36,13 @@ pub fn run(args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
         scenario.services, scenario.endpoints_per_service
     );
     results.notes.push(format!(
-        "Control plane: {size}; the agent runs with --poll-interval-ms {} (the manifests source \
-         polls the directory; the wall-clock figure includes up to one interval). Changes: {} for \
-         lb, {} for iptables (each a full restore), {} for nftables; p99 of fewer than 100 \
-         samples is their maximum.",
+        "Control plane: {size}, {} Services per manifest file; the agent runs with \
+         --poll-interval-ms {} (its default: inotify wakes the manifests source at once, the \
+         interval is the fallback scan). A change rewrites one file (write + rename) and is timed \
+         from the rename to the agent's `maps programmed` log line. Changes: {} for lb, {} for \
+         iptables (each a full restore), {} for nftables; p99 of fewer than 100 samples is their \
+         maximum.",
+        Scenario::PER_FILE,
         plan.poll_interval_ms, plan.changes_agent, plan.changes_iptables, plan.changes_nft
     ));
     let control = plan.wants(&args.only, Part::Control);

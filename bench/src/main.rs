@@ -101,7 +101,7 @@ impl Plan {
             changes_agent: if q { 20 } else { 1_000 },
             changes_iptables: if q { 3 } else { 5 },
             changes_nft: if q { 10 } else { 20 },
-            poll_interval_ms: 10,
+            poll_interval_ms: 200,
         }
     }
 
