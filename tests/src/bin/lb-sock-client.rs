@@ -8,6 +8,7 @@
 //! udp-reconnect A:P  connect the current UDP socket again     -> ok peer=<addr>
 //! udp-send           send on the connected socket, recvfrom   -> ok <reply> from=<addr>
 //! udp-recv           recvfrom on the connected socket          -> ok <reply> from=<addr>
+//! udp-peer           getpeername of the connected socket       -> ok peer=<addr>
 //! udp-sendto A:P     sendto on an unconnected socket, recvfrom -> ok <reply> from=<addr>
 //! any failure                                                 -> err <errno> <message>
 //! ```
@@ -44,6 +45,10 @@ fn main() {
             },
             ("udp-send", None) => match &connected {
                 Some(s) => s.send(b"hi\n").and_then(|_| receive(s)),
+                None => Err(io::Error::other("no connected socket")),
+            },
+            ("udp-peer", None) => match &connected {
+                Some(s) => s.peer_addr().map(|p| format!("peer={p}")),
                 None => Err(io::Error::other("no connected socket")),
             },
             ("udp-recv", None) => match &connected {
