@@ -407,6 +407,38 @@ fn connected_udp_socket_whose_frontend_has_no_endpoints_left_is_aborted_and_reco
 }
 
 #[test]
+fn connected_udp_socket_no_process_holds_is_aborted_instead_of_moved() {
+    let mut bed = start("host-udp-noowner");
+    let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
+    let frontend = SocketAddrV4::new(VIP, PORT).to_string();
+    client.ok(&bed, &format!("udp-connect {frontend}"));
+    let gone = backend(&client.ok(&bed, "udp-send"));
+    let live_ip = backends().into_iter().find(|b| b.0 != gone).unwrap().1;
+    // The socket waits in a unix socket's queue (SCM_RIGHTS), closed by its process: no
+    // /proc/<pid>/fd links to it, so the agent cannot take a duplicate.
+    client.ok(&bed, "udp-stash");
+
+    bed.write_manifests(&manifests(&[live_ip]))
+        .expect("rewrite manifests");
+    bed.agent
+        .wait_for_log(
+            "destroyed a connected UDP socket of a host process instead of moving it",
+            Duration::from_secs(10),
+        )
+        .expect("the agent destroys the socket");
+    let logs = bed.agent.logs();
+    assert!(
+        logs.contains("no process of this PID namespace has the socket open"),
+        "the reason is logged: {logs}"
+    );
+    assert!(!logs.contains("moved a connected UDP socket"), "{logs}");
+
+    client.ok(&bed, "udp-unstash");
+    let answer = client.ask("udp-recv");
+    assert_eq!(errno(&answer), Some(ECONNABORTED), "{answer}");
+}
+
+#[test]
 fn socket_hooks_outlive_the_agent_are_adopted_on_restart_and_removed_by_cleanup() {
     let mut bed = start("host-restart");
     let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
