@@ -78,6 +78,19 @@ impl SockMap {
     }
 }
 
+impl SockMap {
+    /// Deletes a stale socket's reverse entry, and its forward entry while that still names the
+    /// stale backend (a move of the same socket may have pointed it at a live one already).
+    /// Entries already evicted are fine.
+    fn forget(&mut self, s: &StaleSocket) {
+        let _ = self.0.remove(&s.reverse_key());
+        let forward = self.0.get(&s.forward_key(), 0);
+        if forward.is_ok_and(|v| (v.addr, v.port) == (s.backend_addr, s.backend_port)) {
+            let _ = self.0.remove(&s.forward_key());
+        }
+    }
+}
+
 /// A translated UDP socket whose backend went away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaleSocket {
@@ -266,8 +279,7 @@ pub fn move_or_destroy(
     for s in stale {
         let Some(inode) = connected.get(&s.connected_key()) else {
             // Closed, or an unconnected socket (sendmsg4 picks again by itself): forget it.
-            let _ = sockets.0.remove(&s.reverse_key());
-            let _ = sockets.0.remove(&s.forward_key());
+            sockets.forget(s);
             summary.forgotten += 1;
             continue;
         };
@@ -335,10 +347,7 @@ pub fn move_or_destroy(
         }
     }
     for (s, _) in to_destroy.values() {
-        // Already evicted is fine; the forward entry may point at a newer backend only if the
-        // socket reconnected, which a destroyed socket cannot have done yet.
-        let _ = sockets.0.remove(&s.reverse_key());
-        let _ = sockets.0.remove(&s.forward_key());
+        sockets.forget(s);
     }
     Ok(summary)
 }
