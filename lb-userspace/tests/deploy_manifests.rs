@@ -147,6 +147,8 @@ fn daemonset_runs_privileged_on_every_node_with_probes_on_the_agents_endpoint() 
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     let pod = spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.host_network, Some(true), "hostNetwork");
+    // Moving host processes' stale UDP sockets needs their /proc/<pid>/fd (pidfd_getfd).
+    assert_eq!(pod.host_pid, Some(true), "hostPID");
     assert_eq!(
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")

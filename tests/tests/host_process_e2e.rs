@@ -1,7 +1,8 @@
 //! Host processes end to end: a process in the node's own network namespace, inside the agent's
 //! `--cgroup`, reaches a ClusterIP and a NodePort through the socket hooks (connect4, sendmsg4,
 //! recvmsg4, getpeername4), sees the frontend wherever it reads an address, and a connected UDP
-//! socket whose backend is deleted is aborted and reaches a live backend once reconnected.
+//! socket whose backend is deleted is moved to a live backend by the agent (or, when its
+//! frontend has no endpoints left, aborted).
 use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Write},
@@ -291,8 +292,15 @@ fn process_outside_the_agent_cgroup_is_not_translated() {
 }
 
 #[test]
-fn connected_udp_socket_whose_backend_is_deleted_is_aborted_and_reconnects_to_a_live_one() {
-    let mut bed = start("host-udp-del");
+fn connected_udp_socket_whose_backend_is_deleted_is_moved_to_a_live_one_without_an_error() {
+    let mut bed = start("host-udp-move");
+    // The agent runs outside the hosts' cgroup: its connect of the socket must run the hooks of
+    // the socket's cgroup, not its own.
+    let members = std::fs::read_to_string(bed.host_cgroup.path().join("cgroup.procs")).unwrap();
+    assert!(
+        !members.lines().any(|p| p == bed.agent.pid().to_string()),
+        "the agent is in the host cgroup"
+    );
     let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
     let frontend = SocketAddrV4::new(VIP, PORT).to_string();
     client.ok(&bed, &format!("udp-connect {frontend}"));
@@ -303,12 +311,64 @@ fn connected_udp_socket_whose_backend_is_deleted_is_aborted_and_reconnects_to_a_
         .find(|b| b.0 != gone)
         .expect("another backend");
 
-    // Delete the socket's backend.
+    // Remove the socket's backend from the endpoints (its pod still answers: a datagram that
+    // still went there would be answered by the wrong backend, not lost).
     bed.write_manifests(&manifests(&[live_ip]))
         .expect("rewrite manifests");
     bed.agent
-        .wait_for_log("destroyed connected UDP sockets", Duration::from_secs(10))
+        .wait_for_log(
+            "moved a connected UDP socket of a host process to a live backend",
+            Duration::from_secs(10),
+        )
+        .expect("the agent moves the socket");
+    assert!(
+        !bed.agent
+            .logs()
+            .contains("destroyed a connected UDP socket"),
+        "{}",
+        bed.agent.logs()
+    );
+
+    // The same socket, not connected again by the application: no error, the live backend
+    // answers, and every address it reads is still the frontend.
+    for _ in 0..5 {
+        let answer = client.ok(&bed, "udp-send");
+        assert_eq!(backend(&answer), live_name, "{answer}");
+        assert_eq!(
+            field(&answer, "from="),
+            frontend,
+            "recvfrom source: {answer}"
+        );
+    }
+    let answer = client.ok(&bed, "udp-peer");
+    assert_eq!(field(&answer, "peer="), frontend, "getpeername: {answer}");
+    // The old backend's entry is gone, the new one's is there: forward + reverse of the socket.
+    assert_eq!(sock_entries(&bed), 2, "socket map entries after the move");
+}
+
+#[test]
+fn connected_udp_socket_whose_frontend_has_no_endpoints_left_is_aborted_and_reconnects_later() {
+    let mut bed = start("host-udp-del");
+    let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
+    let frontend = SocketAddrV4::new(VIP, PORT).to_string();
+    client.ok(&bed, &format!("udp-connect {frontend}"));
+    client.ok(&bed, "udp-send");
+
+    // Every endpoint removed: connect4 refuses the agent's connect, so the socket cannot be
+    // moved and is destroyed instead.
+    bed.write_manifests(&manifests(&[]))
+        .expect("rewrite manifests");
+    bed.agent
+        .wait_for_log(
+            "destroyed a connected UDP socket of a host process instead of moving it",
+            Duration::from_secs(10),
+        )
         .expect("the agent destroys the socket");
+    let logs = bed.agent.logs();
+    assert!(
+        logs.contains("the frontend has no endpoints any more"),
+        "the reason is logged: {logs}"
+    );
 
     // The application's next receive reports the abort; the socket is no longer connected, so
     // a send without an address is refused.
@@ -324,14 +384,58 @@ fn connected_udp_socket_whose_backend_is_deleted_is_aborted_and_reconnects_to_a_
         Some(EDESTADDRREQ),
         "send after the abort: {answer}"
     );
-    // Connecting again to the frontend gives a live backend.
-    let answer = client.ok(&bed, &format!("udp-reconnect {frontend}"));
-    assert_eq!(field(&answer, "peer="), frontend);
+    // Without endpoints a new connect is refused; once an endpoint is back it reaches it.
+    let answer = client.ask(&format!("udp-reconnect {frontend}"));
+    assert_eq!(errno(&answer), Some(ECONNREFUSED), "{answer}");
+    let (live_name, live_ip) = backends()[1];
+    bed.write_manifests(&manifests(&[live_ip]))
+        .expect("rewrite manifests");
+    let mut answer = client.ask(&format!("udp-reconnect {frontend}"));
+    for _ in 0..100 {
+        if answer.starts_with("ok ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        answer = client.ask(&format!("udp-reconnect {frontend}"));
+    }
+    assert_eq!(field(&answer, "peer="), frontend, "{answer}");
     for _ in 0..5 {
         let answer = client.ok(&bed, "udp-send");
         assert_eq!(backend(&answer), live_name, "{answer}");
         assert_eq!(field(&answer, "from="), frontend);
     }
+}
+
+#[test]
+fn connected_udp_socket_no_process_holds_is_aborted_instead_of_moved() {
+    let mut bed = start("host-udp-noowner");
+    let mut client = HostClient::start(&bed.node.ns, Some(&bed.host_cgroup));
+    let frontend = SocketAddrV4::new(VIP, PORT).to_string();
+    client.ok(&bed, &format!("udp-connect {frontend}"));
+    let gone = backend(&client.ok(&bed, "udp-send"));
+    let live_ip = backends().into_iter().find(|b| b.0 != gone).unwrap().1;
+    // The socket waits in a unix socket's queue (SCM_RIGHTS), closed by its process: no
+    // /proc/<pid>/fd links to it, so the agent cannot take a duplicate.
+    client.ok(&bed, "udp-stash");
+
+    bed.write_manifests(&manifests(&[live_ip]))
+        .expect("rewrite manifests");
+    bed.agent
+        .wait_for_log(
+            "destroyed a connected UDP socket of a host process instead of moving it",
+            Duration::from_secs(10),
+        )
+        .expect("the agent destroys the socket");
+    let logs = bed.agent.logs();
+    assert!(
+        logs.contains("no process of this PID namespace has the socket open"),
+        "the reason is logged: {logs}"
+    );
+    assert!(!logs.contains("moved a connected UDP socket"), "{logs}");
+
+    client.ok(&bed, "udp-unstash");
+    let answer = client.ask("udp-recv");
+    assert_eq!(errno(&answer), Some(ECONNABORTED), "{answer}");
 }
 
 #[test]

@@ -19,7 +19,7 @@ use lb_userspace::{
     metrics::Metrics,
     model,
     service_health::{self, ServiceHealthServers},
-    sock_destroy::{destroy, find_stale, SockMap},
+    sock_destroy::{find_stale, move_or_destroy, SockMap},
     sources::{
         feed::{Feed, Snapshot},
         kube,
@@ -533,9 +533,10 @@ fn sync(
     }
 }
 
-/// Connected UDP sockets of host processes whose backend went away are destroyed, so that their
-/// next call fails (ECONNABORTED) and a reconnect reaches a live backend (see
-/// lb_userspace::sock_destroy). A failure is logged; the next change tries again.
+/// Connected UDP sockets of host processes whose backend went away are moved to a live backend
+/// (connected again to their frontend through a duplicate of their descriptor), or destroyed when
+/// that is impossible (see lb_userspace::sock_destroy; each socket is logged there). A failure is
+/// logged; the next change tries again.
 fn destroy_stale_udp_sockets(maps: &BpfMaps, sockets: &mut SockMap) {
     let stale = match find_stale(sockets, &maps.services, &maps.backends) {
         Ok(s) => s,
@@ -547,13 +548,14 @@ fn destroy_stale_udp_sockets(maps: &BpfMaps, sockets: &mut SockMap) {
     if stale.is_empty() {
         return;
     }
-    match destroy(sockets, &stale) {
-        Ok(destroyed) => info!(
-            destroyed,
-            stale = stale.len(),
-            "destroyed connected UDP sockets of host processes whose backend went away              (they get ECONNABORTED and reconnect to a live backend)"
+    match move_or_destroy(sockets, &maps.services, &maps.backends, &stale) {
+        Ok(done) => info!(
+            moved = done.moved,
+            destroyed = done.destroyed,
+            forgotten = done.forgotten,
+            "handled UDP sockets of host processes whose backend went away"
         ),
-        Err(e) => warn!("destroying UDP sockets of host processes whose backend went away: {e}"),
+        Err(e) => warn!("moving UDP sockets of host processes whose backend went away: {e}"),
     }
 }
 
