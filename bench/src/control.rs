@@ -43,7 +43,10 @@ pub fn run(args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
          iptables (each a full restore), {} for nftables; p99 of fewer than 100 samples is their \
          maximum.",
         Scenario::PER_FILE,
-        plan.poll_interval_ms, plan.changes_agent, plan.changes_iptables, plan.changes_nft
+        plan.poll_interval_ms,
+        plan.changes_agent,
+        plan.changes_iptables,
+        plan.changes_nft
     ));
     let control = plan.wants(&args.only, Part::Control);
     agent(args, plan, &scenario, &size, control, results)?;
@@ -54,14 +57,64 @@ pub fn run(args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
     Ok(())
 }
 
-/// The JSON log lines of the agent that report a finished sync.
-fn syncs(agent: &ChildGuard) -> Vec<serde_json::Value> {
-    agent
-        .logs()
-        .lines()
-        .filter(|l| l.contains("maps programmed"))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// Follows the agent's log for its `maps programmed` lines. It reads only what was appended since
+/// the last look: re-reading and re-parsing the whole log every few milliseconds would burn a
+/// core the agent under measurement needs (this machine may have two).
+struct Syncs {
+    file: std::fs::File,
+    partial: Vec<u8>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Syncs {
+    fn open(agent: &ChildGuard) -> Result<Syncs> {
+        let file = std::fs::File::open(agent.log_path())
+            .with_context(|| format!("opening {}", agent.log_path().display()))?;
+        Ok(Syncs {
+            file,
+            partial: Vec::new(),
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads what the agent appended; the sync lines so far.
+    fn poll(&mut self) -> Result<&[serde_json::Value]> {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        self.file.read_to_end(&mut buf)?;
+        self.partial.extend_from_slice(&buf);
+        if let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') {
+            let complete: Vec<u8> = self.partial.drain(..=end).collect();
+            for line in String::from_utf8_lossy(&complete).lines() {
+                if line.contains("maps programmed") {
+                    if let Ok(v) = serde_json::from_str(line) {
+                        self.seen.push(v);
+                    }
+                }
+            }
+        }
+        Ok(&self.seen)
+    }
+
+    /// Waits until `count` syncs were logged.
+    fn wait(&mut self, agent: &mut ChildGuard, count: usize, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if self.poll()?.len() >= count {
+                return Ok(());
+            }
+            if !agent.is_running() {
+                bail!("the agent exited; log:\n{}", agent.logs());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "no sync #{count} within {timeout:?}; agent log tail:\n{}",
+                    tail(&agent.logs(), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 fn field(v: &serde_json::Value, name: &str) -> Option<f64> {
@@ -69,25 +122,6 @@ fn field(v: &serde_json::Value, name: &str) -> Option<f64> {
         .and_then(|f| f.get(name))
         .or_else(|| v.get(name))
         .and_then(|x| x.as_f64())
-}
-
-fn wait_for_syncs(agent: &mut ChildGuard, count: usize, timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        if syncs(agent).len() >= count {
-            return Ok(());
-        }
-        if !agent.is_running() {
-            bail!("the agent exited; log:\n{}", agent.logs());
-        }
-        if start.elapsed() > timeout {
-            bail!(
-                "no sync #{count} within {timeout:?}; agent log tail:\n{}",
-                tail(&agent.logs(), 20)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -118,9 +152,10 @@ fn agent(
         &[],
         plan.poll_interval_ms,
     )?;
-    wait_for_syncs(&mut agent, 1, Duration::from_secs(600))?;
+    let mut syncs = Syncs::open(&agent)?;
+    syncs.wait(&mut agent, 1, Duration::from_secs(600))?;
     let from_empty = start.elapsed();
-    let first = syncs(&agent).remove(0);
+    let first = syncs.poll()?[0].clone();
     let frontends = field(&first, "frontends").unwrap_or(f64::NAN);
     eprintln!(
         "lb-bench: control: agent programmed {size} ({frontends} frontends) in {:.2}s",
@@ -154,14 +189,14 @@ fn agent(
             let service = pick(scenario, c);
             let file = service / Scenario::PER_FILE;
             let yaml = scenario.file_yaml(file, Some((service, c as u32 + 1)));
-            let before = syncs(&agent).len();
+            let before = syncs.poll()?.len();
             let tmp = dir.0.join(".change.tmp");
             std::fs::write(&tmp, yaml)?;
             let t = Instant::now();
             std::fs::rename(&tmp, dir.0.join(Scenario::file_name(file)))?;
-            wait_for_syncs(&mut agent, before + 1, Duration::from_secs(60))?;
+            syncs.wait(&mut agent, before + 1, Duration::from_secs(60))?;
             wall.push(t.elapsed().as_secs_f64() * 1e3);
-            let last = syncs(&agent).pop();
+            let last = syncs.poll()?.last().cloned();
             if let Some(us) = last.as_ref().and_then(|v| field(v, "since_change_us")) {
                 agent_says.push(us / 1e3);
             }

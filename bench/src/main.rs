@@ -99,7 +99,7 @@ impl Plan {
             control_services: if q { 1_000 } else { 10_000 },
             control_endpoints: 10,
             changes_agent: if q { 20 } else { 1_000 },
-            changes_iptables: if q { 3 } else { 5 },
+            changes_iptables: 3,
             changes_nft: if q { 10 } else { 20 },
             poll_interval_ms: 200,
         }

@@ -489,6 +489,14 @@ fn sync(
     for w in &synced.warnings {
         warn!("{w}");
     }
+    if synced.full_model {
+        // A full sync (and the source's first full parse, on its threads) frees most of what it
+        // allocated; give it back to the system, or the agent's RSS keeps the peak.
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
     metrics.desired_changed(
         synced
             .frontend_changes

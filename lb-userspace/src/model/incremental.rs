@@ -27,10 +27,10 @@ use super::{
 };
 use crate::sources::{Changes, Name, Store};
 
-/// What one Service contributes.
+/// What one Service contributes (its ServicePorts themselves live in the model).
 #[derive(Debug, Clone, Default)]
 struct Computed {
-    ports: Vec<ServicePort>,
+    ports: Vec<(IpFamily, ServicePortId)>,
     warnings: Vec<Warning>,
     /// The claim keys it asks for when it is alone.
     keys: BTreeSet<ClaimKey>,
@@ -159,7 +159,7 @@ impl Incremental {
                 .map(|c| c.keys.clone())
                 .unwrap_or_default();
             if let Some(svc) = self.store.services.get(&name) {
-                let alone = self.compute(svc, config, zone.as_deref(), &mut Claims::default());
+                let (alone, _) = self.compute(svc, config, zone.as_deref(), &mut Claims::default());
                 keys.extend(alone.keys);
             }
             for key in &keys {
@@ -214,9 +214,10 @@ impl Incremental {
                         }
                     }
                 }
-                for sp in old.ports {
-                    self.model.service_ports.remove(&(sp.family, sp.id.clone()));
-                    update.before.push(sp);
+                for key in old.ports {
+                    if let Some(sp) = self.model.service_ports.remove(&key) {
+                        update.before.push(sp);
+                    }
                 }
             }
         }
@@ -229,11 +230,12 @@ impl Incremental {
         members.sort_by_cached_key(|(_, s)| claim_order(s));
         let mut claims = Claims::default();
         for (name, svc) in members {
-            let mut computed = self.compute(&svc, config, zone, &mut claims);
+            let (mut computed, ports) = self.compute(&svc, config, zone, &mut claims);
             if claims.refused {
                 // What it asks for alone, for the index: here some keys were already taken.
                 computed.keys = self
                     .compute(&svc, config, zone, &mut Claims::default())
+                    .0
                     .keys;
                 claims.refused = false;
             }
@@ -243,11 +245,11 @@ impl Incremental {
                     .or_default()
                     .insert(name.clone());
             }
-            for sp in &computed.ports {
-                self.model
-                    .service_ports
-                    .insert((sp.family, sp.id.clone()), sp.clone());
+            for sp in ports {
+                let key = (sp.family, sp.id.clone());
                 update.after.push(sp.clone());
+                self.model.service_ports.insert(key.clone(), sp);
+                computed.ports.push(key);
             }
             update.warnings.extend(computed.warnings.iter().cloned());
             self.computed.insert(name, computed);
@@ -257,21 +259,22 @@ impl Incremental {
         update
     }
 
-    /// One Service's contribution, claiming from `claims`; `keys` holds what it asked for.
+    /// One Service's contribution and its ServicePorts, claiming from `claims`; `keys` holds
+    /// what it asked for.
     fn compute(
         &self,
         svc: &Service,
         config: &Config,
         zone: Option<&str>,
         claims: &mut Claims,
-    ) -> Computed {
+    ) -> (Computed, Vec<ServicePort>) {
         let (ns, name) = names(&svc.metadata);
         let object = format!("Service {ns}/{name}");
         let mut out = Computed::default();
         if name.is_empty() {
             out.warnings
                 .push(warn(&object, "metadata.name", "missing; Service skipped"));
-            return out;
+            return (out, Vec::new());
         }
         let slices: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> = self
             .slices_of
@@ -295,8 +298,7 @@ impl Incremental {
             &mut out.warnings,
         );
         out.keys = claims.touched.drain(..).collect();
-        out.ports = model.service_ports.into_values().collect();
-        out
+        (out, model.service_ports.into_values().collect())
     }
 }
 

@@ -10,6 +10,9 @@
 //! reported. A change to one Service in a directory of 10,000 therefore costs one file read and
 //! one document parse, not a re-parse of everything.
 //!
+//! Objects are trimmed to what the model reads, as the Kubernetes source trims them (`kubectl get
+//! -o yaml` output carries managedFields and more, which would otherwise stay in memory).
+//!
 //! An object defined twice (same kind, namespace and name) is taken from the first file in name
 //! order, and from the first document within a file; the others are reported once as warnings.
 use std::{
@@ -243,19 +246,28 @@ fn add_object(value: serde_yaml::Value, objects: &mut Vec<Obj>, warn: &mut impl 
             None => warn("kind List without an items list".into()),
         },
         ("v1", "Service") => match serde_yaml::from_value::<Service>(value) {
-            Ok(svc) => objects.push(Obj::Service(Arc::new(svc))),
+            Ok(mut svc) => {
+                super::kube::trim_service(&mut svc);
+                objects.push(Obj::Service(Arc::new(svc)))
+            }
             Err(e) => warn(format!("Service {name} does not parse and is skipped: {e}")),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(slice) => objects.push(Obj::Slice(Arc::new(slice))),
+                Ok(mut slice) => {
+                    super::kube::trim_endpoint_slice(&mut slice);
+                    objects.push(Obj::Slice(Arc::new(slice)))
+                }
                 Err(e) => warn(format!(
                     "EndpointSlice {name} does not parse and is skipped: {e}"
                 )),
             }
         }
         ("v1", "Node") => match serde_yaml::from_value::<Node>(value) {
-            Ok(node) => objects.push(Obj::Node(Arc::new(node))),
+            Ok(mut node) => {
+                super::kube::trim_node(&mut node);
+                objects.push(Obj::Node(Arc::new(node)))
+            }
             Err(e) => warn(format!("Node {name} does not parse and is skipped: {e}")),
         },
         // Other kinds (Deployments, Pods, ...) often share files with Services: not ours to read.
