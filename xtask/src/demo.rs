@@ -56,6 +56,15 @@ pub fn demo(workspace: &Path) -> Result<()> {
         Ok(())
     };
     lbctl("dump")?;
+    println!("demo: the agent logs each sync:");
+    for line in bed
+        .agent
+        .logs()
+        .lines()
+        .filter(|l| l.contains("maps programmed"))
+    {
+        println!("    {}", strip_ansi(line));
+    }
 
     let timeout = Duration::from_secs(2);
     let mut counts: BTreeMap<&str, [usize; 2]> = BACKENDS.iter().map(|b| (b.0, [0, 0])).collect();
@@ -140,4 +149,23 @@ fn read_examples(dir: &Path) -> Result<String> {
         out.push_str("\n---\n");
     }
     Ok(out)
+}
+
+/// The agent colours its text log; the demo prints it plain.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -108,7 +108,8 @@ struct Args {
     /// 4 bytes per slot; backends of one frontend get within about N/M of an even share.
     #[arg(long, value_name = "M", default_value_t = TableSize::default(), env = "LB_MAGLEV_TABLE_SIZE")]
     maglev_table_size: TableSize,
-    /// How often the manifests directory is checked for changes, in milliseconds.
+    /// How often the manifests directory is scanned for changed files, in milliseconds, when no
+    /// inotify event woke the scan earlier (inotify wakes it as soon as a file changes).
     #[arg(long, default_value_t = 200)]
     poll_interval_ms: u64,
     /// Where /healthz (liveness) and /readyz (ready after the first full sync and apply) are served.
