@@ -64,10 +64,6 @@ impl Control {
         &self.desired
     }
 
-    pub fn writer(&self) -> &Writer {
-        &self.writer
-    }
-
     /// Folds `changes` into the model and programs the difference. With no changes it still
     /// retries a full apply the writer needs.
     pub fn sync(&mut self, changes: &Changes, config: &Config, dp: &mut impl Dataplane) -> Synced {

@@ -98,7 +98,7 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// The agent's end: the newest snapshot of a running source. Dropping it stops the source and
+/// The agent's end: what a running source published since the last take. Dropping it stops the source and
 /// waits for its thread, so a stopped source never publishes again.
 pub struct Feed {
     source_name: &'static str,
@@ -133,8 +133,8 @@ impl Feed {
         })
     }
 
-    /// Waits up to `timeout` for a snapshot newer than the last one taken and returns the newest.
-    /// `Ok(None)`: nothing new in that time.
+    /// Waits up to `timeout` for a snapshot and returns everything published since the last take
+    /// (merged). `Ok(None)`: nothing new in that time.
     pub fn next(&self, timeout: Duration) -> Result<Option<Snapshot>, SourceStopped> {
         let deadline = Instant::now() + timeout;
         let mut state = self.slot.state.lock().unwrap_or_else(|e| e.into_inner());

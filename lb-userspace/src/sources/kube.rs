@@ -12,7 +12,7 @@
 //!   they never produce a snapshot.
 //! - **Bursts are coalesced.** After a change the source waits for a quiet period
 //!   ([`KubeOptions::quiet`]) but no longer than [`KubeOptions::max_delay`] from the first change,
-//!   then publishes one snapshot; the feed itself keeps only the newest snapshot.
+//!   then publishes one snapshot; the feed merges snapshots the agent has not taken yet.
 //! - **Small caches.** Objects are trimmed to the fields the model reads before they are stored.
 //!
 //! The reflectors run on a current-thread tokio runtime in the source's own thread; the agent's

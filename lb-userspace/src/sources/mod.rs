@@ -15,7 +15,7 @@ use k8s_openapi::api::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-/// A full snapshot of the objects the model reads.
+/// All the objects the model reads, as one set (for the reference model and tests).
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
     pub services: Vec<Service>,
