@@ -95,42 +95,53 @@ impl RouteSocket {
     /// events were lost (the socket buffer overflowed): the caller should rescan.
     pub fn receive(&self) -> io::Result<Vec<LinkMessage>> {
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which we own.
-            let n = unsafe {
-                libc::recv(
-                    self.0.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            return parse_messages(&buf[..n as usize]);
-        }
+        let n = recv(&self.0, &mut buf)?;
+        parse_messages(&buf[..n])
     }
 
     fn send(&self, message: &[u8]) -> io::Result<()> {
-        // SAFETY: `message` is valid for reads of its length for the duration of the call.
+        send(&self.0, message)
+    }
+}
+
+/// One `recv` on a netlink socket into `buf`, retried when a signal interrupts it; the number of
+/// bytes received.
+pub(crate) fn recv(socket: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`, which we own.
         let n = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                message.as_ptr() as *const libc::c_void,
-                message.len(),
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
                 0,
             )
         };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        if n >= 0 {
+            return Ok(n as usize);
         }
-        Ok(())
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
+}
+
+/// Sends one whole message on a netlink socket (to the kernel, its default destination).
+pub(crate) fn send(socket: &OwnedFd, message: &[u8]) -> io::Result<()> {
+    // SAFETY: `message` is valid for reads of its length for the duration of the call.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            message.as_ptr() as *const libc::c_void,
+            message.len(),
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Looks up the interface with `ifindex` in the calling thread's network namespace; `None` if

@@ -547,6 +547,9 @@ struct Request {
     id: SockId,
 }
 
+// The sum of the field sizes: no padding, so every byte of a Request is initialised.
+const _: () = assert!(size_of::<Request>() == 16 + 8 + 48);
+
 /// A NETLINK_SOCK_DIAG socket.
 struct Diag(OwnedFd);
 
@@ -584,23 +587,12 @@ impl Diag {
             states: !0,
             id,
         };
-        // SAFETY: sends the bytes of `req`, alive for the call; the kernel is the default
-        // destination of a netlink socket.
-        let rc = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                &req as *const Request as *const libc::c_void,
-                size_of::<Request>(),
-                0,
-            )
+        // SAFETY: `Request` is repr(C) plain old data without padding (asserted at its
+        // definition) and every field is set above, so all its bytes are initialised.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(&req as *const Request as *const u8, size_of::<Request>())
         };
-        if rc < 0 {
-            return Err(Error::Diag {
-                op,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        crate::netlink::send(&self.0, bytes).map_err(|source| Error::Diag { op, source })
     }
 
     /// Reads netlink messages, handing each payload of type other than DONE/ERROR to `each`,
@@ -608,23 +600,9 @@ impl Diag {
     fn receive(&self, op: &'static str, mut each: impl FnMut(&[u8])) -> Result<()> {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-            let n = unsafe {
-                libc::recv(
-                    self.0.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let source = io::Error::last_os_error();
-                if source.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(Error::Diag { op, source });
-            }
-            let mut msgs = &buf[..n as usize];
+            let n = crate::netlink::recv(&self.0, &mut buf)
+                .map_err(|source| Error::Diag { op, source })?;
+            let mut msgs = &buf[..n];
             while msgs.len() >= 16 {
                 let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
                 let kind = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
