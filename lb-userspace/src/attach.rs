@@ -23,10 +23,7 @@ use std::{
     ffi::CString,
     fs::File,
     io,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -550,8 +547,6 @@ struct PinnedLinkInfo {
     attach_type: u32,
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_TCX: u32 = 11;
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
@@ -560,40 +555,6 @@ impl PinnedLinkInfo {
     fn is_tcx(&self, hook: Hook) -> bool {
         self.link_type == BPF_LINK_TYPE_TCX && self.attach_type == hook.kernel_attach_type()
     }
-}
-
-/// `union bpf_attr` for BPF_OBJ_GET.
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
-/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
-#[repr(C)]
-#[derive(Default)]
-struct InfoByFdAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// `struct bpf_link_info`: type, id, prog_id, then a union (8-byte aligned) whose TCX member is
-/// `{ifindex, attach_type}`; the tail covers the larger members, which the kernel may fill.
-#[repr(C)]
-#[derive(Default)]
-struct LinkInfoBuf {
-    link_type: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-    tcx_ifindex: u32,
-    tcx_attach_type: u32,
-    _tail: [u64; 14],
 }
 
 /// The interface a pinned link (TCX or XDP) is attached to; `None` without a pin, `Some(0)` when
@@ -609,55 +570,16 @@ fn read_pinned_link(path: &Path) -> Result<Option<PinnedLinkInfo>> {
         path: path.into(),
         source,
     };
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| read_error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let get = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        ..Default::default()
+    let Some(fd) = crate::bpf_link::open_pinned(path).map_err(read_error)? else {
+        return Ok(None);
     };
-    // SAFETY: BPF_OBJ_GET reads `get` (size given) and the NUL-terminated path it points to,
-    // both alive for the call; it returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGetAttr,
-            size_of::<ObjGetAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::NotFound {
-            return Ok(None);
-        }
-        return Err(read_error(e));
-    }
-    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut info = LinkInfoBuf::default();
-    let attr = InfoByFdAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<LinkInfoBuf>() as u32,
-        info: &mut info as *mut LinkInfoBuf as u64,
-    };
-    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which we own and which
-    // outlives the call; `fd` stays open until after it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoByFdAttr,
-            size_of::<InfoByFdAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        // EINVAL here means the pin is not a link (a map or a program pinned by mistake).
-        return Err(read_error(io::Error::last_os_error()));
-    }
+    // EINVAL here means the pin is not a link (a map or a program pinned by mistake).
+    let info = crate::bpf_link::link_info(&fd).map_err(read_error)?;
+    let (ifindex, attach_type) = info.ifindex_and_attach_type();
     Ok(Some(PinnedLinkInfo {
         link_type: info.link_type,
         program_id: info.prog_id,
-        ifindex: info.tcx_ifindex,
-        attach_type: info.tcx_attach_type,
+        ifindex,
+        attach_type,
     }))
 }

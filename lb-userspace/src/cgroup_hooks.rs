@@ -14,13 +14,11 @@
 //! one's programs run first; once they have translated the address, the outer ones find a
 //! backend, not a frontend, and leave it alone).
 use std::{
-    ffi::CString,
     fs::File,
     io,
-    mem::size_of,
     os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt, fs::MetadataExt},
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
 };
@@ -30,6 +28,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::program_names;
+
+use crate::bpf_link;
 use tracing::info;
 
 /// Directory (under the bpffs dir) of the pinned cgroup links.
@@ -182,7 +182,7 @@ pub fn attach_all(ebpf: &mut Ebpf, bpffs: &Path, cgroup: &Path) -> Result<Outcom
                     .map_err(|source| Error::Load { name, source })?
                     .as_fd()
                     .as_raw_fd();
-                update_link(&link, prog_fd).map_err(|source| Error::Update {
+                bpf_link::update_link(&link, prog_fd).map_err(|source| Error::Update {
                     name,
                     path: path.clone(),
                     source,
@@ -247,55 +247,6 @@ fn unpin(path: &Path) -> Result<bool> {
     }
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-
-/// `union bpf_attr` for BPF_OBJ_GET.
-#[repr(C)]
-#[derive(Default)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    _pad: u32,
-}
-
-/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
-#[repr(C)]
-#[derive(Default)]
-struct InfoByFdAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// `union bpf_attr` for BPF_LINK_UPDATE.
-#[repr(C)]
-#[derive(Default)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
-}
-
-/// `struct bpf_link_info` with its cgroup member (`{cgroup_id, attach_type}`, 8-byte aligned);
-/// the tail covers the larger members of the union, which the kernel may fill.
-#[repr(C)]
-#[derive(Default)]
-struct LinkInfoBuf {
-    link_type: u32,
-    id: u32,
-    prog_id: u32,
-    _pad: u32,
-    cgroup_id: u64,
-    attach_type: u32,
-    _pad2: u32,
-    _tail: [u64; 14],
-}
-
 /// What the kernel says about a pinned cgroup link.
 struct CgroupLinkInfo {
     /// 0 once the cgroup is gone (the kernel detached the link).
@@ -303,79 +254,26 @@ struct CgroupLinkInfo {
     attach_type: u32,
 }
 
-fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> io::Result<libc::c_long> {
-    // SAFETY: callers pass a pointer to a live `bpf_attr` prefix of `size` bytes and whatever it
-    // points to stays alive for the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as u32) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
-}
-
 /// The link pinned at `path`, `None` without a pin.
 fn open_pinned(path: &Path) -> Result<Option<OwnedFd>> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|e| Error::Io {
-        op: "opening",
+    bpf_link::open_pinned(path).map_err(|source| Error::Io {
+        op: "opening the pinned link",
         path: path.into(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, e),
-    })?;
-    let attr = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        ..Default::default()
-    };
-    match bpf(
-        BPF_OBJ_GET,
-        &attr as *const ObjGetAttr as *const u8,
-        size_of::<ObjGetAttr>(),
-    ) {
-        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
-        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Io {
-            op: "opening the pinned link",
-            path: path.into(),
-            source,
-        }),
-    }
+        source,
+    })
 }
 
 fn link_info(link: &OwnedFd, path: &Path) -> Result<CgroupLinkInfo> {
-    let mut info = LinkInfoBuf::default();
-    let attr = InfoByFdAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of::<LinkInfoBuf>() as u32,
-        info: &mut info as *mut LinkInfoBuf as u64,
-    };
-    bpf(
-        BPF_OBJ_GET_INFO_BY_FD,
-        &attr as *const InfoByFdAttr as *const u8,
-        size_of::<InfoByFdAttr>(),
-    )
-    .map_err(|source| Error::Io {
+    let info = bpf_link::link_info(link).map_err(|source| Error::Io {
         op: "reading the info of the pinned link",
         path: path.into(),
         source,
     })?;
+    let (cgroup_id, attach_type) = info.cgroup_id_and_attach_type();
     Ok(CgroupLinkInfo {
-        cgroup_id: info.cgroup_id,
-        attach_type: info.attach_type,
+        cgroup_id,
+        attach_type,
     })
-}
-
-/// Points `link` at `prog_fd`, atomically for the sockets it serves.
-fn update_link(link: &OwnedFd, prog_fd: i32) -> io::Result<()> {
-    let attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog_fd as u32,
-        ..Default::default()
-    };
-    bpf(
-        BPF_LINK_UPDATE,
-        &attr as *const LinkUpdateAttr as *const u8,
-        size_of::<LinkUpdateAttr>(),
-    )
-    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! would do with them (`model`), and how that becomes BPF map contents (`dataplane`) and attached
 //! programs (`loader`).
 pub mod attach;
+mod bpf_link;
 pub mod cgroup_hooks;
 pub mod cleanup;
 pub mod cni;
