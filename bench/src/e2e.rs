@@ -94,39 +94,90 @@ pub struct Bed {
     _dir: Option<TempDir>,
 }
 
-/// Writes `text` to a file in `dir` and runs `program args... file` (or with the file on stdin)
+/// How a rules load ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Loaded {
+    /// The program finished (successfully) after this long.
+    Done(Duration),
+    /// The program was still running at the limit and was killed: nothing was committed (both
+    /// `nft -f` and `iptables-restore` commit at the end of their input).
+    Stopped(Duration),
+}
+
+/// Writes `text` to a file and runs `program args... file` (nft) or `program args... < file`
 /// inside `ns`; returns how long the program ran.
 pub fn load_rules(ns: &Netns, program: &str, args: &[&str], text: &str) -> Result<Duration> {
+    match load_rules_within(ns, program, args, text, None)? {
+        Loaded::Done(d) => Ok(d),
+        Loaded::Stopped(d) => bail!("{program} stopped after {:.1}s", d.as_secs_f64()),
+    }
+}
+
+/// [`load_rules`], killing the program if it is still running after `limit`.
+pub fn load_rules_within(
+    ns: &Netns,
+    program: &str,
+    args: &[&str],
+    text: &str,
+    limit: Option<Duration>,
+) -> Result<Loaded> {
     let dir = TempDir::new("bench-rules")?;
     let path = dir.0.join("rules");
     std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
     let mut cmd = ns.cmd(program);
     cmd.args(args);
-    let stdin = std::fs::File::open(&path)?;
     if program == "nft" {
         cmd.arg(&path);
     } else {
-        cmd.stdin(stdin);
+        cmd.stdin(std::fs::File::open(&path)?);
     }
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let errors = dir.0.join("stderr");
+    cmd.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&errors)?);
     let start = Instant::now();
-    let out = cmd
-        .output()
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("run {program} (installed by `cargo xtask setup`)"))?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if limit.is_some_and(|l| start.elapsed() >= l) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Loaded::Stopped(start.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     let took = start.elapsed();
-    if !out.status.success() {
+    if !status.success() {
         bail!(
-            "{program} {} failed ({}): {}",
+            "{program} {} failed ({status}): {}",
             args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read_to_string(&errors)
+                .unwrap_or_default()
                 .lines()
                 .take(5)
                 .collect::<Vec<_>>()
                 .join("\n")
         );
     }
-    Ok(took)
+    Ok(Loaded::Done(took))
+}
+
+/// Lines per `nft -f` transaction when a testbed is filled in pieces.
+pub const NFT_LINES_PER_TRANSACTION: usize = 20_000;
+
+/// Loads an `nft` script as consecutive transactions of at most [`NFT_LINES_PER_TRANSACTION`]
+/// lines. The ruleset is the same as the single transaction's, but the kernel's cost of binding
+/// each anonymous verdict map (it walks the whole pending transaction) stays bounded; see the
+/// control-plane part for the single transaction kube-proxy sends.
+pub fn load_nft_in_pieces(ns: &Netns, script: &str) -> Result<Duration> {
+    let mut total = Duration::ZERO;
+    for piece in kube_proxy::split_lines(script, NFT_LINES_PER_TRANSACTION) {
+        total += load_rules(ns, "nft", &["-f"], &piece)?;
+    }
+    Ok(total)
 }
 
 /// Starts the agent in `node` on the manifests in `dir`; returns it once its first sync is done.
@@ -276,10 +327,9 @@ impl Bed {
                 );
             }
             Mode::Nftables => {
-                let took =
-                    load_rules(&bed.node.ns, "nft", &["-f"], &kube_proxy::nft_rules(&ports))?;
+                let took = load_nft_in_pieces(&bed.node.ns, &kube_proxy::nft_rules(&ports))?;
                 eprintln!(
-                    "lb-bench: e2e: nft -f of {} services took {:.1}s",
+                    "lb-bench: e2e: nft -f of {} services (in transactions of at most {NFT_LINES_PER_TRANSACTION} lines) took {:.1}s",
                     scenario.services,
                     took.as_secs_f64()
                 );
@@ -342,7 +392,10 @@ pub fn run(args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
          time out after 200 ms and are not counted). Backends: 2 echo pods (a thread per \
          connection). The target Service sits at index n/2 of the {} Services (the middle of \
          iptables' KUBE-SERVICES chain); the filler Services have 1 endpoint each. Direct: the \
-         client threads go to the two pod addresses in turn.",
+         client threads go to the two pod addresses in turn. The nftables testbeds are loaded in \
+         transactions of at most {NFT_LINES_PER_TRANSACTION} lines, which leaves the same table \
+         as one transaction but keeps the kernel's cost of the load linear (see the control \
+         plane's nftables note).",
         plan.e2e_threads,
         plan.duration_ms,
         plan.rounds,

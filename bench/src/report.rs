@@ -321,6 +321,7 @@ pub fn write(
                 "max": f.samples.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
                 "samples": f.samples,
                 "lb_divided_by": ratios,
+                "lower_bound": f.lower_bound,
                 "note": f.note,
             })
         })
@@ -352,6 +353,17 @@ pub fn write(
         json_path.display()
     );
     Ok(())
+}
+
+/// A ratio with two significant digits at least (a control-plane ratio can be 0.0025).
+fn fmt_ratio(r: f64) -> String {
+    if !r.is_finite() || r >= 0.1 {
+        format!("{r:.2}")
+    } else if r >= 0.01 {
+        format!("{r:.3}")
+    } else {
+        format!("{r:.4}")
+    }
 }
 
 fn fmt_value(v: f64) -> String {
@@ -492,13 +504,20 @@ fn markdown(
             for f in figs {
                 let min = f.samples.iter().cloned().fold(f64::INFINITY, f64::min);
                 let max = f.samples.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                // A stopped measurement is a lower bound of the value, so lb's ratio to it is an
+                // upper bound.
+                let (more, less) = if f.lower_bound {
+                    ("> ", "< ")
+                } else {
+                    ("", "")
+                };
                 let ratio = match lb {
-                    Some(l) if f.mode != "lb" => format!("{:.2}", l / f.median()),
+                    Some(l) if f.mode != "lb" => format!("{less}{}", fmt_ratio(l / f.median())),
                     _ => String::new(),
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {ratio} | {} |",
+                    "| {} | {more}{} | {more}{} | {more}{} | {} | {ratio} | {} |",
                     f.mode,
                     fmt_value(f.median()),
                     fmt_value(min),

@@ -21,6 +21,10 @@ pub struct BenchArgs {
     /// Length of one end-to-end measurement in milliseconds (default 1500; quick 500)
     #[arg(long)]
     pub duration_ms: Option<u64>,
+    /// Stop kube-proxy's single nft transaction from empty after this many seconds and report a
+    /// lower bound (default 60; 0 waits for it, about 5 minutes at 10k x 10 here)
+    #[arg(long)]
+    pub nft_limit_s: Option<u64>,
 }
 
 impl BenchArgs {
@@ -38,6 +42,9 @@ impl BenchArgs {
         }
         if let Some(d) = self.duration_ms {
             c.push_str(&format!(" --duration-ms {d}"));
+        }
+        if let Some(s) = self.nft_limit_s {
+            c.push_str(&format!(" --nft-limit-s {s}"));
         }
         c
     }
@@ -69,6 +76,9 @@ pub fn bench(workspace: &Path, args: &BenchArgs) -> Result<()> {
     }
     if let Some(d) = args.duration_ms {
         c.args(["--duration-ms", &d.to_string()]);
+    }
+    if let Some(s) = args.nft_limit_s {
+        c.args(["--nft-limit-s", &s.to_string()]);
     }
     println!("bench: {}", cmd::display(&c));
     cmd::run_tee(&mut c)
