@@ -160,3 +160,63 @@ impl<'a, D: Dataplane> Batched<'a, D> {
         self.dp.delete_maglev_chunk(key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::dataplane::{fake::FakeMaps, FrontendAddr};
+
+    fn key(slot: u16) -> ServiceKey {
+        FrontendAddr::internal(Ipv4Addr::new(198, 19, 0, 1), 80, lb_common::proto::TCP).key(slot)
+    }
+
+    #[test]
+    fn puts_land_map_by_map_in_dependency_order_and_a_delete_flushes_them_first() {
+        let mut maps = FakeMaps {
+            // Ordering only: these entries do not form whole frontends.
+            skip_checks: true,
+            ..Default::default()
+        };
+        let mut b = Batched::new(&mut maps);
+        // Called in an order that names things before they exist.
+        b.put_service(key(1), ServiceValue::default()).unwrap();
+        b.put_service(key(0), ServiceValue::default()).unwrap();
+        b.put_rev_nat(5, RevNatValue::default()).unwrap();
+        b.put_backend(7, BackendValue::default()).unwrap();
+        b.delete_service(key(2)).unwrap();
+        b.put_backend(8, BackendValue::default()).unwrap();
+        assert_eq!(
+            b.dp.log,
+            [
+                "put backend 7",
+                "put rev_nat 5",
+                "put service slot 1",
+                "put service slot 0",
+                "delete service slot 2",
+            ],
+            "queued puts go first, backends before rev-NAT before services (in call order)"
+        );
+        b.flush().unwrap();
+        assert_eq!(b.dp.log.last().map(String::as_str), Some("put backend 8"));
+        b.flush().unwrap();
+        assert_eq!(b.dp.log.len(), 6, "an empty queue writes nothing");
+    }
+
+    #[test]
+    fn a_failed_flush_reports_the_error_and_drops_the_queue() {
+        let mut maps = FakeMaps {
+            fail_writes: true,
+            ..Default::default()
+        };
+        let mut b = Batched::new(&mut maps);
+        b.put_backend(7, BackendValue::default()).unwrap();
+        b.put_service(key(0), ServiceValue::default()).unwrap();
+        assert!(b.flush().is_err());
+        assert!(b.queue.is_empty());
+        // The backend, flushed before the failing service write, is there.
+        assert!(maps.backends.contains_key(&7));
+        assert!(maps.services.is_empty());
+    }
+}

@@ -384,11 +384,13 @@ fn update_batch<K: aya::Pod>(
     let key_size = std::mem::size_of::<K>();
     let (mut done, mut tries, mut pause) = (0, 1, ENOMEM_FIRST_PAUSE);
     while done < keys.len() {
+        // bpf(2) takes a u32 count.
+        let n = (keys.len() - done).min(u32::MAX as usize);
         let (wrote, err) = update_batch_once(
             fd,
             &key_bytes[done * key_size..],
             &values[done * value_stride..],
-            keys.len() - done,
+            n,
         );
         done += wrote;
         let Some(err) = err else { break };
