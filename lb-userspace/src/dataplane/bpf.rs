@@ -435,6 +435,11 @@ fn update_batch_pairs<K: aya::Pod, V: aya::Pod>(
 
 /// Batch-creates zeroed per-CPU counters. A per-CPU value in a batch is one
 /// `value_size` rounded up to 8 bytes per possible CPU.
+///
+/// These are now the bulk of a first sync's map time: the stats maps are not preallocated (their
+/// size would be multiplied by the possible CPUs), so every new element costs the kernel a
+/// per-CPU allocation, batch or not (50k elements: ~0.3 s here, against ~0.04 s for a
+/// preallocated per-CPU map or a plain hash map).
 fn zero_stats_batch(
     fd: BorrowedFd<'_>,
     map: &'static str,
