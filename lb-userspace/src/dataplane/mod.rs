@@ -5,6 +5,7 @@
 //! through a [`Dataplane`] in an order that never shows a packet a frontend without backends or a
 //! slot that points nowhere. [`bpf::BpfMaps`] is the real thing; [`fake::FakeMaps`] keeps the maps
 //! in memory and checks the ordering invariants after every single operation.
+mod batch;
 pub mod bpf;
 pub mod fake;
 pub mod maglev;
@@ -29,6 +30,7 @@ use lb_common::{
 use crate::model::{
     FrontendKind, IpFamily, Model, Origin, Protocol, Scheduler, ServicePort, WhenEmpty,
 };
+pub use batch::{Batched, Puts};
 pub use writer::{ApplyStats, Writer};
 
 /// A frontend as the maps see it: address, port, protocol and the traffic it serves
@@ -363,6 +365,14 @@ pub enum Error {
     IdsExhausted { what: &'static str, max: u32 },
     #[error("the writer needs a full apply first (it was adopted or an apply failed)")]
     NeedsFullApply,
+    /// A batch write stopped part way: the first `done` of `total` elements were written.
+    #[error("batch update of map {map}: {done} of {total} written, then: {source}")]
+    Batch {
+        map: &'static str,
+        done: usize,
+        total: usize,
+        source: std::io::Error,
+    },
     #[error("fake dataplane: {0}")]
     Fake(String),
 }
@@ -391,6 +401,12 @@ pub trait Dataplane {
     fn maglev_chunks(&self) -> Result<Vec<(MaglevKey, MaglevChunk)>>;
     fn put_maglev_chunk(&mut self, key: MaglevKey, value: MaglevChunk) -> Result<()>;
     fn delete_maglev_chunk(&mut self, key: MaglevKey) -> Result<()>;
+    /// Writes queued puts map by map in the order [`Puts::write_one_by_one`] uses, each map's
+    /// puts in their order; a dataplane with a cheaper bulk write overrides it. Any element
+    /// that fails makes the whole call fail (the caller re-reads the maps then).
+    fn put_many(&mut self, puts: &Puts) -> Result<()> {
+        puts.write_one_by_one(self)
+    }
 }
 
 /// Whose counters.

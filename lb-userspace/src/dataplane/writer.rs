@@ -36,7 +36,8 @@ use lb_common::{
 
 use super::{
     maglev::{self, TableSize},
-    BackendAddr, Dataplane, Desired, DesiredFrontend, Error, FrontendAddr, Result, StatsOf,
+    BackendAddr, Batched, Dataplane, Desired, DesiredFrontend, Error, FrontendAddr, Result,
+    StatsOf,
 };
 
 /// What the writer believes one frontend holds in the maps.
@@ -305,6 +306,9 @@ impl Writer {
         changes: &[(FrontendAddr, Option<&DesiredFrontend>)],
         full: bool,
     ) -> Result<ApplyStats> {
+        // Puts are queued and written in batches at the next delete and at the end; the order
+        // they land in keeps the guarantees above (see `batch`).
+        let dp = &mut Batched::new(dp);
         let mut stats = ApplyStats::default();
 
         // 0. Source ranges no master names: harmless now, wrong once their id is reused.
@@ -591,6 +595,7 @@ impl Writer {
             stats.backends_removed += 1;
             stats.map_deletes += 1;
         }
+        dp.flush()?;
         Ok(stats)
     }
 
