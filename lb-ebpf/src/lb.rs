@@ -21,7 +21,10 @@ use lb_common::{
 
 use crate::{
     maglev,
-    maps::{count_drop, AFFINITY, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS, SERVICES},
+    maps::{
+        count_drop, counters, AFFINITY, BACKENDS, BACKEND_STATS, CONNTRACK, FRONTEND_STATS,
+        SERVICES,
+    },
     packet::{Flow, IcmpError, IcmpNat, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -180,17 +183,16 @@ fn add(counters: Option<*mut TrafficCounters>, len: u64, dir: Direction, new_flo
     }
 }
 
-/// Counts a packet for its frontend and its backend. Entries are created by userspace with the
-/// ids; a missing one (an id being freed right now) is simply not counted.
+/// Counts a packet for its frontend and its backend (entries are created by the first packet).
 #[inline(always)]
 fn count(rev_nat_id: u16, backend_id: u32, len: u64, dir: Direction, new_flow: bool) {
     add(
-        FRONTEND_STATS.get_ptr_mut(rev_nat_id as u32),
+        counters(&FRONTEND_STATS, rev_nat_id as u32),
         len,
         dir,
         new_flow,
     );
-    add(BACKEND_STATS.get_ptr_mut(backend_id), len, dir, new_flow);
+    add(counters(&BACKEND_STATS, backend_id), len, dir, new_flow);
 }
 
 /// Reverse NAT only: the last hop before a client pod. A reply of a flow this node translated

@@ -19,7 +19,7 @@ use lb_common::{
 
 use crate::{
     lb::{select, Pick, Verdict},
-    maps::{BACKENDS, BACKEND_STATS, FRONTEND_STATS, SOCK},
+    maps::{counters, BACKENDS, BACKEND_STATS, FRONTEND_STATS, SOCK},
     packet::Flow,
 };
 
@@ -112,8 +112,8 @@ fn key(cookie: u64, addr: u32, port: u16, proto: u8, dir: u8) -> SockKey {
 #[inline(always)]
 fn count_new_flow(rev_nat_id: u16, backend_id: u32) {
     for c in [
-        FRONTEND_STATS.get_ptr_mut(rev_nat_id as u32),
-        BACKEND_STATS.get_ptr_mut(backend_id),
+        counters(&FRONTEND_STATS, rev_nat_id as u32),
+        counters(&BACKEND_STATS, backend_id),
     ]
     .into_iter()
     .flatten()

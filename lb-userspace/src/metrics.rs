@@ -198,9 +198,11 @@ impl MapCollector {
         let services = maps.services().map_err(|e| e.to_string())?;
         for (key, master) in services.iter().filter(|(k, _)| k.slot == 0) {
             let fe = FrontendAddr::from_key(key);
-            let Some(c) = fe_stats.get(&(master.rev_nat_id as u32)) else {
-                continue;
-            };
+            // No entry yet: no packet yet (the data path creates it at the first).
+            let c = fe_stats
+                .get(&(master.rev_nat_id as u32))
+                .copied()
+                .unwrap_or_default();
             view.frontends.push(Row {
                 labels: vec![
                     (
@@ -213,12 +215,12 @@ impl MapCollector {
                     // each with its own counters.
                     ("scope", scope_name(fe.scope)),
                 ],
-                counters: *c,
+                counters: c,
             });
         }
         for (id, value) in maps.backends().map_err(|e| e.to_string())? {
             let b = BackendAddr::from_value(&value);
-            let Some(c) = be_stats.get(&id) else { continue };
+            let c = be_stats.get(&id).copied().unwrap_or_default();
             let sp = names
                 .backends
                 .get(&b)
@@ -230,7 +232,7 @@ impl MapCollector {
                     ("backend", SocketAddrV4::new(b.addr, b.port).to_string()),
                     ("protocol", protocol_name(b.proto)),
                 ],
-                counters: *c,
+                counters: c,
             });
         }
         view.frontends.sort_by(|a, b| a.labels.cmp(&b.labels));

@@ -280,6 +280,18 @@ fn counters_record_packets_bytes_and_new_flows_per_frontend_and_backend() {
     let syn = tcp_syn((CLIENT, 40007), (VIP, 80));
     let data = tcp((CLIENT, 40007), (VIP, 80), false, true, b"hello");
     let reply = tcp((backend(1), 8080), (CLIENT, 40007), false, true, b"world!");
+    let pins = f.bpffs.path().to_path_buf();
+    let read = |name: &str| -> Vec<TrafficCounters> {
+        let data = MapData::from_pin(pins.join(name)).unwrap();
+        let map: PerCpuHashMap<_, u32, TrafficCounters> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
+        map.iter()
+            .map(|e| TrafficCounters::sum(e.unwrap().1.iter()))
+            .collect()
+    };
+    // The agent writes no counter entry for a fresh id: the first packet creates it.
+    assert!(read(map_names::FRONTEND_STATS).is_empty());
+    assert!(read(map_names::BACKEND_STATS).is_empty());
     f.run(&syn);
     f.run(&data);
     f.run(&data);
@@ -290,14 +302,6 @@ fn counters_record_packets_bytes_and_new_flows_per_frontend_and_backend() {
         (Ipv4Addr::new(198, 18, 9, 9), 80),
     ));
 
-    let read = |name: &str| -> Vec<TrafficCounters> {
-        let data = MapData::from_pin(f.bpffs.path().join(name)).unwrap();
-        let map: PerCpuHashMap<_, u32, TrafficCounters> =
-            PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).unwrap();
-        map.iter()
-            .map(|e| TrafficCounters::sum(e.unwrap().1.iter()))
-            .collect()
-    };
     let expected = TrafficCounters {
         packets_in: 3,
         bytes_in: (syn.len() + 2 * data.len()) as u64,

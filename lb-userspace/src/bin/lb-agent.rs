@@ -208,6 +208,21 @@ fn run(args: Args) -> Result<()> {
         None => hostname().context("--node-name not given and the host name cannot be read")?,
     };
 
+    // The source starts first: it reads the manifests (or lists the API) on its own thread while
+    // the programs load, and what it found waits in the feed until the loop takes it.
+    let feed = match &args.manifests {
+        Some(dir) => {
+            info!(node = %node_name, manifests = %dir.display(), "following manifests");
+            Feed::manifests(dir.clone(), Duration::from_millis(args.poll_interval_ms))
+                .context("starting the manifests source")?
+        }
+        None => {
+            let api = kube::api_config(args.kubeconfig.as_deref());
+            info!(node = %node_name, ?api, "watching the Kubernetes API; nothing is applied before the first full sync");
+            kube::start(api, kube::KubeOptions::new(node_name.clone()))?
+        }
+    };
+
     let mounted = loader::ensure_bpffs(&args.bpffs)?;
     // Held until exit: two agents on one pin directory would hand out the same ids.
     let _pin_lock = lb_userspace::pin_lock::PinDirLock::acquire(&args.bpffs)?;
@@ -295,18 +310,6 @@ fn run(args: Args) -> Result<()> {
         let metrics_addr = health::serve_metrics(addr, Arc::clone(&metrics))?;
         info!(%metrics_addr, "serving /metrics");
     }
-    let feed = match &args.manifests {
-        Some(dir) => {
-            info!(node = %node_name, manifests = %dir.display(), "following manifests");
-            Feed::manifests(dir.clone(), Duration::from_millis(args.poll_interval_ms))
-                .context("starting the manifests source")?
-        }
-        None => {
-            let api = kube::api_config(args.kubeconfig.as_deref());
-            info!(node = %node_name, ?api, "watching the Kubernetes API; nothing is applied before the first full sync");
-            kube::start(api, kube::KubeOptions::new(node_name.clone()))?
-        }
-    };
     let _gc = (args.conntrack_gc_interval > 0).then(|| {
         conntrack_gc(
             args.bpffs.clone(),

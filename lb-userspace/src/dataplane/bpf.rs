@@ -176,6 +176,13 @@ fn tolerate_missing(
 ) -> std::result::Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // aya's per-CPU hash map passes the kernel's ENOENT through as a syscall error; a
+        // counter entry is missing whenever no packet reached its id.
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -207,6 +214,22 @@ impl Dataplane for BpfMaps {
     fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()> {
         retry_enomem(|| self.rev_nat.insert(id, value, 0))
             .map_err(map_err("insert", map_names::REV_NAT))
+    }
+    fn stats_keys(&self) -> Result<Vec<StatsOf>> {
+        let mut out = Vec::new();
+        for id in self.frontend_stats.keys() {
+            let id = id.map_err(map_err("iterate", map_names::FRONTEND_STATS))?;
+            // Frontend ids are u16 (rev-NAT ids); a larger key is nobody's.
+            if let Ok(id) = u16::try_from(id) {
+                out.push(StatsOf::Frontend(id));
+            }
+        }
+        for id in self.backend_stats.keys() {
+            out.push(StatsOf::Backend(
+                id.map_err(map_err("iterate", map_names::BACKEND_STATS))?,
+            ));
+        }
+        Ok(out)
     }
     fn reset_stats(&mut self, of: StatsOf) -> Result<()> {
         let nr_cpus = self.nr_cpus;

@@ -19,8 +19,12 @@ pub struct FakeMaps {
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u16, RevNatValue>,
     pub maglev: BTreeMap<MaglevKey, MaglevChunk>,
-    /// Whose zeroed counters exist.
+    /// Whose counters were zeroed by the writer for their current user.
     pub stats: std::collections::BTreeSet<StatsOf>,
+    /// Ids whose counter entry may hold counts of a previous user: deleted entries are put here,
+    /// as a packet still in flight may create them again (the data path creates an entry at
+    /// its first packet). Nothing may name such an id before the writer zeroes it.
+    pub stale_stats: std::collections::BTreeSet<StatsOf>,
     /// Source-range entries: (rev_nat_id, range).
     pub source_ranges: std::collections::BTreeSet<(u16, Ipv4Net)>,
     /// Every operation, in order, for tests that look at the sequence.
@@ -38,6 +42,15 @@ impl FakeMaps {
             return Ok(());
         }
         for (key, master) in self.services.iter().filter(|(k, _)| k.slot == 0) {
+            if self
+                .stale_stats
+                .contains(&StatsOf::Frontend(master.rev_nat_id))
+            {
+                return Err(Error::Fake(format!(
+                    "{key:?}: counters of rev_nat {} hold a previous user's counts",
+                    master.rev_nat_id
+                )));
+            }
             if !self.rev_nat.contains_key(&master.rev_nat_id) {
                 return Err(Error::Fake(format!(
                     "{key:?}: rev_nat {} missing",
@@ -61,9 +74,9 @@ impl FakeMaps {
                 let Some(v) = self.services.get(&slot_key) else {
                     return Err(Error::Fake(format!("{key:?}: slot {slot} missing")));
                 };
-                if !self.stats.contains(&StatsOf::Backend(v.backend_id)) {
+                if self.stale_stats.contains(&StatsOf::Backend(v.backend_id)) {
                     return Err(Error::Fake(format!(
-                        "{key:?}: counters of backend {} missing",
+                        "{key:?}: counters of backend {} hold a previous user's counts",
                         v.backend_id
                     )));
                 }
@@ -169,13 +182,19 @@ impl Dataplane for FakeMaps {
         self.rev_nat.remove(&id);
         self.after(format!("delete rev_nat {id}"))
     }
+    fn stats_keys(&self) -> Result<Vec<StatsOf>> {
+        Ok(self.stats.union(&self.stale_stats).copied().collect())
+    }
     fn reset_stats(&mut self, of: StatsOf) -> Result<()> {
+        self.stale_stats.remove(&of);
         self.stats.insert(of);
         // Not logged: the writer tests read the log as the sequence of service-map changes.
         self.check_consistent()
     }
     fn delete_stats(&mut self, of: StatsOf) -> Result<()> {
         self.stats.remove(&of);
+        // The worst case: a packet in flight counts there again right after the delete.
+        self.stale_stats.insert(of);
         self.check_consistent()
     }
     fn source_ranges(&self) -> Result<Vec<(u16, Ipv4Net)>> {

@@ -391,6 +391,8 @@ pub trait Dataplane {
     fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()>;
     fn delete_rev_nat(&mut self, id: u16) -> Result<()>;
     /// Creates zeroed counters for a frontend (keyed by its rev_nat_id) or a backend.
+    /// Whose counter entries exist (the data path creates an id's entry at its first packet).
+    fn stats_keys(&self) -> Result<Vec<StatsOf>>;
     fn reset_stats(&mut self, of: StatsOf) -> Result<()>;
     fn delete_stats(&mut self, of: StatsOf) -> Result<()>;
     /// Every source-range entry: (frontend rev_nat_id, range).

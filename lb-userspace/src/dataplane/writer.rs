@@ -107,6 +107,12 @@ pub struct Writer {
     maglev_size: TableSize,
     /// Maglev chunks found at adoption whose table no master names.
     stray_chunks: Vec<MaglevKey>,
+    /// Ids not in use whose counter entry may hold counts: found at adoption, or freed since (a
+    /// packet still in flight can create an entry again right after its delete, as the data
+    /// path creates an id's entry at its first packet). Such an id is zeroed before it is handed
+    /// out again; any other id starts without an entry, which saves a per-CPU allocation per
+    /// backend and frontend in a first sync.
+    stats_may_exist: HashSet<StatsOf>,
 }
 
 const MAX_BACKEND_ID: u32 = lb_common::map_sizes::BACKENDS;
@@ -194,10 +200,18 @@ impl Writer {
                 }
             }
         }
-        let used_backend_ids = backend_ids.values().copied().collect();
-        let used_rev_nat_ids = frontends
+        let used_backend_ids: HashSet<u32> = backend_ids.values().copied().collect();
+        let used_rev_nat_ids: HashSet<u16> = frontends
             .values()
             .map(|p: &Programmed| p.rev_nat_id)
+            .collect();
+        let stats_may_exist = dp
+            .stats_keys()?
+            .into_iter()
+            .filter(|of| match of {
+                StatsOf::Frontend(id) => !used_rev_nat_ids.contains(id),
+                StatsOf::Backend(id) => !used_backend_ids.contains(id),
+            })
             .collect();
         let mut writer = Self {
             frontends,
@@ -215,6 +229,7 @@ impl Writer {
             next_rev_nat_id: max_rev_nat % MAX_REV_NAT_ID + 1,
             maglev_size,
             stray_chunks,
+            stats_may_exist,
         };
         // Slots past a master's count, or of frontends without a master, are leftovers of an
         // interrupted apply: the next apply deletes those it does not rewrite.
@@ -372,8 +387,10 @@ impl Writer {
             match self.backend_ids.get(b) {
                 None => {
                     let id = self.alloc_backend_id()?;
-                    // Counters first: the kernel counts a backend from the moment a slot names it.
-                    dp.reset_stats(StatsOf::Backend(id))?;
+                    // A previous user's counts go before a slot names the id.
+                    if self.stats_may_exist.remove(&StatsOf::Backend(id)) {
+                        dp.reset_stats(StatsOf::Backend(id))?;
+                    }
                     dp.put_backend(id, value)?;
                     self.backend_ids.insert(*b, id);
                     self.used_backend_ids.insert(id);
@@ -400,7 +417,9 @@ impl Writer {
         for (fe, _) in changes.iter().filter(|(_, want)| want.is_some()) {
             if !self.frontends.contains_key(fe) && !self.new_rev_nat.contains_key(fe) {
                 let id = self.alloc_rev_nat_id()?;
-                dp.reset_stats(StatsOf::Frontend(id))?;
+                if self.stats_may_exist.remove(&StatsOf::Frontend(id)) {
+                    dp.reset_stats(StatsOf::Frontend(id))?;
+                }
                 dp.put_rev_nat(id, fe.rev_nat_value())?;
                 self.used_rev_nat_ids.insert(id);
                 self.new_rev_nat.insert(*fe, id);
@@ -551,6 +570,7 @@ impl Writer {
             }
             dp.delete_rev_nat(p.rev_nat_id)?;
             dp.delete_stats(StatsOf::Frontend(p.rev_nat_id))?;
+            self.stats_may_exist.insert(StatsOf::Frontend(p.rev_nat_id));
             self.used_rev_nat_ids.remove(&p.rev_nat_id);
             stats.map_deletes += 2 + p.slots.len() + p.maglev.len();
             stats.frontends_removed += 1;
@@ -590,6 +610,7 @@ impl Writer {
             };
             dp.delete_backend(id)?;
             dp.delete_stats(StatsOf::Backend(id))?;
+            self.stats_may_exist.insert(StatsOf::Backend(id));
             self.used_backend_ids.remove(&id);
             self.terminating_ids.remove(&id);
             stats.backends_removed += 1;

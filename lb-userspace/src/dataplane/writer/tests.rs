@@ -263,6 +263,9 @@ impl crate::dataplane::Dataplane for FailingMaps {
     fn delete_rev_nat(&mut self, id: u16) -> Result<()> {
         self.inner.delete_rev_nat(id)
     }
+    fn stats_keys(&self) -> Result<Vec<crate::dataplane::StatsOf>> {
+        self.inner.stats_keys()
+    }
     fn reset_stats(&mut self, of: crate::dataplane::StatsOf) -> Result<()> {
         self.inner.reset_stats(of)
     }
@@ -805,4 +808,60 @@ fn random_update_sequences_with_maglev_keep_every_table_complete() {
             .count();
         assert_eq!(tables.len(), expected, "round {round}: no stale tables");
     }
+}
+
+#[test]
+fn counters_are_left_to_the_data_path_unless_an_id_may_hold_a_previous_users_counts() {
+    // Counter entries of ids 1 (backend and frontend) and 7 (backend) are in the maps with no
+    // user, as after a crash between freeing an id and deleting its counters.
+    let mut maps = FakeMaps::default();
+    for of in [
+        StatsOf::Backend(1),
+        StatsOf::Frontend(1),
+        StatsOf::Backend(7),
+    ] {
+        maps.stale_stats.insert(of);
+    }
+    let mut w = Writer::adopt(&maps).unwrap();
+    // Ids 1 and 2 are handed out: the fake refuses a slot or master naming an id whose stale
+    // counters were not zeroed first, so this passing means id 1 was reset.
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 2])]))
+        .unwrap();
+    assert_eq!(
+        maps.stats,
+        [StatsOf::Frontend(1), StatsOf::Backend(1)]
+            .into_iter()
+            .collect(),
+        "only the ids that may hold counts are written; backend 2 gets its entry from its first packet"
+    );
+    assert!(maps.stale_stats.contains(&StatsOf::Backend(7)));
+
+    // Freeing backend 2 deletes its counters; a packet in flight may create them again (the fake
+    // assumes it does), so when the id comes round again it is zeroed before use.
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1])])).unwrap();
+    assert!(maps.stale_stats.contains(&StatsOf::Backend(2)));
+    let mut w = Writer::adopt(&maps).unwrap();
+    w.next_backend_id = 2;
+    w.apply(&mut maps, &desired(&[(fe(10, 80), &[1, 3])]))
+        .unwrap();
+    assert_eq!(
+        w.backend_ids[&be(3)],
+        2,
+        "the freed id was handed out again"
+    );
+    assert!(maps.stats.contains(&StatsOf::Backend(2)));
+    assert!(!maps.stale_stats.contains(&StatsOf::Backend(2)));
+}
+
+#[test]
+fn a_writer_that_skips_zeroing_a_reused_id_is_caught_by_the_fake() {
+    let mut maps = FakeMaps::default();
+    maps.stale_stats.insert(StatsOf::Backend(1));
+    let mut w = Writer::adopt(&maps).unwrap();
+    // As if the adoption had not seen the stale entry.
+    w.stats_may_exist.clear();
+    let err = w
+        .apply(&mut maps, &desired(&[(fe(10, 80), &[1])]))
+        .unwrap_err();
+    assert!(err.to_string().contains("previous user"), "{err}");
 }
