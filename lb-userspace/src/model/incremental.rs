@@ -33,7 +33,75 @@ struct Computed {
     ports: Vec<(IpFamily, ServicePortId)>,
     warnings: Vec<Warning>,
     /// The claim keys it asks for when it is alone.
-    keys: BTreeSet<ClaimKey>,
+    keys: SmallSet<ClaimKey>,
+}
+
+/// A set kept as a sorted vector, allocated to its size while small. The index sets here hold
+/// one or two members almost always (a Service's slices, the claimants of a key), where a
+/// `BTreeSet` costs a whole B-tree node (over 500 bytes for a [`Name`]); at 10,000 Services that
+/// difference was most of the model's bookkeeping memory. Iteration is in order, as a
+/// `BTreeSet`'s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    /// Members past which the vector grows as usual (amortised) rather than to its size.
+    const EXACT_UP_TO: usize = 8;
+
+    pub(crate) fn insert(&mut self, value: T) -> bool {
+        match self.0.binary_search(&value) {
+            Ok(_) => false,
+            Err(at) => {
+                if self.0.len() == self.0.capacity() && self.0.len() < Self::EXACT_UP_TO {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(at, value);
+                true
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, value: &T) -> bool {
+        match self.0.binary_search(value) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<T: Ord> FromIterator<T> for SmallSet<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let mut v: Vec<T> = iter.into_iter().collect();
+        v.sort();
+        v.dedup();
+        v.shrink_to_fit();
+        Self(v)
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 /// What an update changed.
@@ -57,11 +125,11 @@ pub struct Incremental {
     /// The configuration and zone the model was computed with (`None`: nothing computed yet).
     computed_with: Option<(Config, Option<String>)>,
     /// Served, labelled slices by the Service they name, and the reverse.
-    slices_of: BTreeMap<Name, BTreeSet<Name>>,
+    slices_of: BTreeMap<Name, SmallSet<Name>>,
     service_of: BTreeMap<Name, Name>,
     computed: BTreeMap<Name, Computed>,
     /// Which Services ask for each claim key.
-    claimants: HashMap<ClaimKey, BTreeSet<Name>>,
+    claimants: HashMap<ClaimKey, SmallSet<Name>>,
     model: Model,
 }
 
@@ -156,11 +224,11 @@ impl Incremental {
             let mut keys: BTreeSet<ClaimKey> = self
                 .computed
                 .get(&name)
-                .map(|c| c.keys.clone())
+                .map(|c| c.keys.iter().cloned().collect())
                 .unwrap_or_default();
             if let Some(svc) = self.store.services.get(&name) {
                 let (alone, _) = self.compute(svc, config, zone.as_deref(), &mut Claims::default());
-                keys.extend(alone.keys);
+                keys.extend(alone.keys.0);
             }
             for key in &keys {
                 for other in self.claimants.get(key).into_iter().flatten() {

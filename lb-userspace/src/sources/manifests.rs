@@ -312,8 +312,24 @@ fn manifest_files(dir: &Path) -> Result<Vec<(PathBuf, Fingerprint)>, Error> {
 /// Size and modification time.
 type Fingerprint = (u64, Option<SystemTime>);
 
-/// Every definition of each object, by where it stands: (file, position in the file).
-type Definitions = BTreeMap<(Kind, Name), BTreeMap<(PathBuf, usize), Obj>>;
+/// Every definition of each object, sorted by where it stands: (file, position in the file).
+/// Nearly every object has one definition, so a small vector (with the file's path shared by
+/// all its objects) rather than a map: a one-entry `BTreeMap` costs a whole B-tree node, and
+/// with 20,000 objects those nodes and per-object path copies came to about 16 MiB.
+type Definitions = BTreeMap<(Kind, Name), Vec<Definition>>;
+
+#[derive(Debug, Clone)]
+struct Definition {
+    file: Arc<Path>,
+    position: usize,
+    obj: Obj,
+}
+
+impl Definition {
+    fn place(&self) -> (&Path, usize) {
+        (&self.file, self.position)
+    }
+}
 
 struct FileState {
     fingerprint: Fingerprint,
@@ -421,9 +437,10 @@ impl DirSource {
         // The winning definition of every object the updated files define, before and after.
         let mut touched = BTreeMap::new();
         let winner = |defs: &Definitions, key: &(Kind, Name)| {
-            defs.get(key).and_then(|d| d.values().next()).cloned()
+            defs.get(key).and_then(|d| d.first()).map(|d| d.obj.clone())
         };
         for (path, state) in &updates {
+            let file: Arc<Path> = Arc::from(path.as_path());
             let old = self
                 .files
                 .get(path)
@@ -440,7 +457,7 @@ impl DirSource {
             for (position, obj) in old.iter().flat_map(|c| &c.objects).enumerate() {
                 let key = obj.key();
                 if let Some(defs) = self.definitions.get_mut(&key) {
-                    defs.remove(&(path.clone(), position));
+                    defs.retain(|d| d.place() != (path.as_path(), position));
                     if defs.is_empty() {
                         self.definitions.remove(&key);
                     }
@@ -448,9 +465,20 @@ impl DirSource {
             }
             for (position, obj) in new.iter().flat_map(|c| &c.objects).enumerate() {
                 let defs = self.definitions.entry(obj.key()).or_default();
-                defs.insert((path.clone(), position), obj.clone());
-                let (first, first_position) = defs.keys().next().expect("just inserted");
-                if (first, *first_position) != (path, position) {
+                let at = defs.partition_point(|d| d.place() < (path.as_path(), position));
+                if defs.len() == defs.capacity() {
+                    defs.reserve_exact(1);
+                }
+                defs.insert(
+                    at,
+                    Definition {
+                        file: Arc::clone(&file),
+                        position,
+                        obj: obj.clone(),
+                    },
+                );
+                let first = &defs[0].file;
+                if at != 0 {
                     let (kind, (ns, name)) = obj.key();
                     warnings.push(DocumentWarning {
                         file: path.clone(),
@@ -643,8 +671,8 @@ items:
             &format!("{}{}", svc("a", "198.19.0.1"), svc("b", "198.19.0.9")),
         );
         let a_before = match &source.definitions[&(Kind::Service, ("default".into(), "a".into()))]
-            .values()
-            .next()
+            .first()
+            .map(|d| &d.obj)
         {
             Some(Obj::Service(s)) => Arc::clone(s),
             _ => unreachable!(),
