@@ -68,7 +68,8 @@ impl Control {
     /// retries a full apply the writer needs.
     pub fn sync(&mut self, changes: &Changes, config: &Config, dp: &mut impl Dataplane) -> Synced {
         let update = self.model.update(changes, config);
-        let delta = dataplane::desired_changes(changed_ports(&update).into_values());
+        let delta =
+            dataplane::desired_changes(changed_ports(&update, self.model.model()).into_values());
         let mut frontend_changes = BTreeMap::new();
         for (fe, want) in &delta {
             let before = match want {

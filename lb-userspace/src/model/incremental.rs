@@ -109,8 +109,11 @@ impl<'a, T> IntoIterator for &'a SmallSet<T> {
 pub struct Update {
     /// The ServicePorts of every recomputed Service, before...
     pub before: Vec<ServicePort>,
-    /// ...and after.
-    pub after: Vec<ServicePort>,
+    /// ...and the keys of those it has now, in the model ([`changed_ports`] looks them up there).
+    /// Keys rather than copies: on a full recompute copies were a second model (22 MiB at 10k
+    /// Services), allocated interleaved with the model itself and so freed into holes the
+    /// allocator cannot give back to the system.
+    pub after: Vec<(IpFamily, ServicePortId)>,
     /// The warnings of the recomputed Services (the others' were reported when they were).
     pub warnings: Vec<Warning>,
     /// Services recomputed.
@@ -315,7 +318,7 @@ impl Incremental {
             }
             for sp in ports {
                 let key = (sp.family, sp.id.clone());
-                update.after.push(sp.clone());
+                update.after.push(key.clone());
                 self.model.service_ports.insert(key.clone(), sp);
                 computed.ports.push(key);
             }
@@ -371,17 +374,20 @@ impl Incremental {
 }
 
 /// The ServicePorts of `update` by key, before and after: `(before, after)` per ServicePort that
-/// changed, appeared or went away.
+/// changed, appeared or went away. `model` is the model the update left (for the after side).
 #[allow(clippy::type_complexity)]
-pub fn changed_ports(
-    update: &Update,
-) -> BTreeMap<(IpFamily, ServicePortId), (Option<&ServicePort>, Option<&ServicePort>)> {
+pub fn changed_ports<'a>(
+    update: &'a Update,
+    model: &'a Model,
+) -> BTreeMap<(IpFamily, ServicePortId), (Option<&'a ServicePort>, Option<&'a ServicePort>)> {
     let mut out: BTreeMap<_, (Option<&ServicePort>, Option<&ServicePort>)> = BTreeMap::new();
     for sp in &update.before {
         out.entry((sp.family, sp.id.clone())).or_default().0 = Some(sp);
     }
-    for sp in &update.after {
-        out.entry((sp.family, sp.id.clone())).or_default().1 = Some(sp);
+    for key in &update.after {
+        if let Some(sp) = model.service_ports.get(key) {
+            out.entry(key.clone()).or_default().1 = Some(sp);
+        }
     }
     out.retain(|_, (a, b)| a != b);
     out
