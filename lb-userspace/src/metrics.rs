@@ -50,11 +50,76 @@ pub struct Metrics {
 }
 
 /// ServicePort names per frontend and per backend, as the desired state has them.
+///
+/// Kept compact: there is an entry per backend (100,000 at 10k Services x 10 endpoints) and
+/// nearly every backend belongs to one ServicePort. A `BTreeMap<String, u32>` per backend cost a
+/// whole B-tree node plus a copy of the name, about 30 MiB at that size; a sorted vector sized to
+/// its content, with the name shared (one allocation per frontend), costs a few MiB.
 #[derive(Debug, Default)]
 struct ServicePorts {
-    frontends: BTreeMap<FrontendAddr, String>,
-    /// Per backend, its ServicePorts with the number of frontends through which it is one.
-    backends: BTreeMap<BackendAddr, BTreeMap<String, u32>>,
+    frontends: BTreeMap<FrontendAddr, Arc<str>>,
+    /// Per backend, its ServicePorts (sorted by name) with the number of frontends through which
+    /// it is one.
+    backends: BTreeMap<BackendAddr, Vec<(Arc<str>, u32)>>,
+}
+
+impl ServicePorts {
+    /// Follows one frontend's change (see [`Metrics::desired_changed`]).
+    fn change(
+        &mut self,
+        fe: FrontendAddr,
+        before: Option<&DesiredFrontend>,
+        after: Option<&DesiredFrontend>,
+    ) {
+        if let Some(d) = before {
+            self.frontends.remove(&fe);
+            for b in &d.backends {
+                if let Some(sps) = self.backends.get_mut(b) {
+                    if let Ok(at) = sps.binary_search_by(|(n, _)| (**n).cmp(&*d.service_port)) {
+                        sps[at].1 -= 1;
+                        if sps[at].1 == 0 {
+                            sps.remove(at);
+                        }
+                    }
+                    if sps.is_empty() {
+                        self.backends.remove(b);
+                    }
+                }
+            }
+        }
+        if let Some(d) = after {
+            let name: Arc<str> = Arc::from(d.service_port.as_str());
+            for b in &d.backends {
+                let sps = self.backends.entry(*b).or_default();
+                match sps.binary_search_by(|(n, _)| (**n).cmp(&*name)) {
+                    Ok(at) => sps[at].1 += 1,
+                    Err(at) => {
+                        if sps.len() == sps.capacity() {
+                            sps.reserve_exact(1);
+                        }
+                        sps.insert(at, (Arc::clone(&name), 1));
+                    }
+                }
+            }
+            self.frontends.insert(fe, name);
+        }
+    }
+
+    /// The `service_port` label of a frontend.
+    fn frontend_label(&self, fe: &FrontendAddr) -> String {
+        self.frontends
+            .get(fe)
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The `service_port` label of a backend: its ServicePorts, sorted, comma-separated.
+    fn backend_label(&self, b: &BackendAddr) -> String {
+        self.backends
+            .get(b)
+            .map(|sps| sps.iter().map(|(n, _)| &**n).collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
+    }
 }
 
 impl Metrics {
@@ -109,33 +174,7 @@ impl Metrics {
     ) {
         let mut names = self.service_ports.lock().unwrap_or_else(|e| e.into_inner());
         for (fe, before, after) in changes {
-            if let Some(d) = before {
-                names.frontends.remove(&fe);
-                for b in &d.backends {
-                    if let Some(sps) = names.backends.get_mut(b) {
-                        if let Some(n) = sps.get_mut(&d.service_port) {
-                            *n -= 1;
-                            if *n == 0 {
-                                sps.remove(&d.service_port);
-                            }
-                        }
-                        if sps.is_empty() {
-                            names.backends.remove(b);
-                        }
-                    }
-                }
-            }
-            if let Some(d) = after {
-                names.frontends.insert(fe, d.service_port.clone());
-                for b in &d.backends {
-                    *names
-                        .backends
-                        .entry(*b)
-                        .or_default()
-                        .entry(d.service_port.clone())
-                        .or_default() += 1;
-                }
-            }
+            names.change(fe, before, after);
         }
     }
 
@@ -205,10 +244,7 @@ impl MapCollector {
                 .unwrap_or_default();
             view.frontends.push(Row {
                 labels: vec![
-                    (
-                        "service_port",
-                        names.frontends.get(&fe).cloned().unwrap_or_default(),
-                    ),
+                    ("service_port", names.frontend_label(&fe)),
                     ("frontend", SocketAddrV4::new(fe.addr, fe.port).to_string()),
                     ("protocol", protocol_name(fe.proto)),
                     // NodePort, LoadBalancer and externalIP frontends have an entry per scope,
@@ -221,11 +257,7 @@ impl MapCollector {
         for (id, value) in maps.backends().map_err(|e| e.to_string())? {
             let b = BackendAddr::from_value(&value);
             let c = be_stats.get(&id).copied().unwrap_or_default();
-            let sp = names
-                .backends
-                .get(&b)
-                .map(|s| s.keys().cloned().collect::<Vec<_>>().join(","))
-                .unwrap_or_default();
+            let sp = names.backend_label(&b);
             view.backends.push(Row {
                 labels: vec![
                     ("service_port", sp),
@@ -410,3 +442,54 @@ impl Collector for MapCollector {
 
 /// Shared handle for the HTTP server.
 pub type SharedMetrics = Arc<Metrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frontend(sp: &str, backends: &[BackendAddr]) -> DesiredFrontend {
+        DesiredFrontend {
+            service_port: sp.into(),
+            backends: backends.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn backend(last: u8) -> BackendAddr {
+        BackendAddr {
+            addr: std::net::Ipv4Addr::new(198, 18, 0, last),
+            port: 8080,
+            proto: 6,
+            local: false,
+        }
+    }
+
+    #[test]
+    fn labels_follow_frontends_coming_and_going() {
+        let mut names = ServicePorts::default();
+        let (b1, b2) = (backend(1), backend(2));
+        let a_cluster = FrontendAddr::internal(std::net::Ipv4Addr::new(198, 19, 0, 1), 80, 6);
+        let a_node = FrontendAddr::external(std::net::Ipv4Addr::new(198, 18, 0, 100), 30080, 6);
+        let b_cluster = FrontendAddr::internal(std::net::Ipv4Addr::new(198, 19, 0, 2), 80, 6);
+        let a = frontend("ns/a:http", &[b1, b2]);
+        let b = frontend("ns/b:http", &[b1]);
+        // Two frontends of ns/a (ClusterIP and NodePort) and one of ns/b share backend b1.
+        names.change(a_cluster, None, Some(&a));
+        names.change(a_node, None, Some(&a));
+        names.change(b_cluster, None, Some(&b));
+        assert_eq!(names.frontend_label(&a_node), "ns/a:http");
+        assert_eq!(names.backend_label(&b1), "ns/a:http,ns/b:http");
+        assert_eq!(names.backend_label(&b2), "ns/a:http");
+        // ns/a keeps b1 while one of its frontends still uses it.
+        names.change(a_cluster, Some(&a), None);
+        assert_eq!(names.backend_label(&b1), "ns/a:http,ns/b:http");
+        assert_eq!(names.frontend_label(&a_cluster), "");
+        names.change(a_node, Some(&a), Some(&frontend("ns/a:http", &[b2])));
+        assert_eq!(names.backend_label(&b1), "ns/b:http");
+        assert_eq!(names.backend_label(&b2), "ns/a:http");
+        names.change(b_cluster, Some(&b), None);
+        names.change(a_node, Some(&frontend("ns/a:http", &[b2])), None);
+        assert_eq!(names.backend_label(&b1), "");
+        assert!(names.backends.is_empty() && names.frontends.is_empty());
+    }
+}
