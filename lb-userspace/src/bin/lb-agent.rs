@@ -493,14 +493,6 @@ fn sync(
     for w in &synced.warnings {
         warn!("{w}");
     }
-    if synced.full_model {
-        // A full sync (and the source's first full parse, on its threads) frees most of what it
-        // allocated; give it back to the system, or the agent's RSS keeps the peak.
-        // SAFETY: malloc_trim only walks the allocator's own free lists.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
     metrics.desired_changed(
         synced
             .frontend_changes
@@ -509,7 +501,23 @@ fn sync(
     );
     // Health checks report the model (local endpoints), whatever the maps; they follow every sync.
     hc_servers.sync(&service_health::wanted(control.model()));
-    match synced.result {
+    // The frontend changes (on a full sync, a copy of every desired frontend) go before the trim.
+    let lb_userspace::control::Synced {
+        result,
+        full_model,
+        recomputed,
+        full_apply,
+        ..
+    } = synced;
+    if full_model {
+        // A full sync (and the source's first full parse, on its threads) frees most of what it
+        // allocated; give it back to the system, or the agent's RSS keeps the peak.
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+    match result {
         Ok(stats) => {
             let latency = snapshot.changed_at.map(|t| t.elapsed());
             metrics.synced(latency.map(|l| l.as_secs_f64()));
@@ -520,8 +528,8 @@ fn sync(
                 service_ports = control.model().service_ports.len(),
                 frontends = control.desired().len(),
                 objects_changed = snapshot.changes.len(),
-                services_recomputed = synced.recomputed,
-                full = synced.full_apply,
+                services_recomputed = recomputed,
+                full = full_apply,
                 changed = stats.frontends_changed,
                 removed = stats.frontends_removed,
                 backends_added = stats.backends_added,
