@@ -1,8 +1,9 @@
 //! EndpointSlices to endpoints, and kube-proxy's choice among them (its `CategorizeEndpoints`):
 //! the cluster set with topology, and the local set.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -57,6 +58,8 @@ pub(super) fn collect(
         IpFamily::V6 => "IPv6",
     };
     let mut out: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    // The node names seen so far, so that endpoints on one node share one allocation.
+    let mut nodes: HashMap<&str, Arc<str>> = HashMap::new();
     for slice in slices {
         let (ns, name) = names(&slice.metadata);
         let object = format!("EndpointSlice {ns}/{name}");
@@ -141,7 +144,10 @@ pub(super) fn collect(
                     .node_name
                     .as_deref()
                     .is_some_and(|n| !n.is_empty() && n == config.node_name),
-                node_name: ep.node_name.clone(),
+                node_name: ep
+                    .node_name
+                    .as_deref()
+                    .map(|n| Arc::clone(nodes.entry(n).or_insert_with(|| Arc::from(n)))),
                 zone_hints: hints
                     .and_then(|h| h.for_zones.as_ref())
                     .into_iter()

@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -137,7 +138,9 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    /// Shared by the endpoints of a ServicePort on the same node: the model holds an endpoint
+    /// per backend (100,000 at 10k Services x 10 endpoints) and they are on few nodes.
+    pub node_name: Option<Arc<str>>,
     /// On this node (its nodeName is ours; an endpoint without nodeName is never local).
     pub local: bool,
     /// Zones from `hints.forZones`.
