@@ -323,6 +323,8 @@ impl Incremental {
                 computed.ports.push(key);
             }
             update.warnings.extend(computed.warnings.iter().cloned());
+            // Kept until the Service is recomputed: no spare capacity (a Vec grows to 4 first).
+            computed.ports.shrink_to_fit();
             self.computed.insert(name, computed);
         }
         update.warnings.sort();
