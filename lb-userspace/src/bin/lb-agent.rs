@@ -337,7 +337,7 @@ fn run(args: Args) -> Result<()> {
             .clone()
             .unwrap_or_else(|| local_node_addresses.clone());
         if sync(
-            &snapshot,
+            snapshot,
             &config,
             &mut control,
             &mut maps,
@@ -477,7 +477,7 @@ fn detach_everything(bpffs: &std::path::Path) -> usize {
 
 /// Applies one snapshot; true when the maps now hold everything the model holds.
 fn sync(
-    snapshot: &Snapshot,
+    snapshot: Snapshot,
     config: &model::Config,
     control: &mut Control,
     maps: &mut BpfMaps,
@@ -493,6 +493,10 @@ fn sync(
     for w in &synced.warnings {
         warn!("{w}");
     }
+    let (changed_at, objects_changed) = (snapshot.changed_at, snapshot.changes.len());
+    // Dropped before the trim below: the changes' maps and names (on the first sync, one entry
+    // per object) are freed memory the trim can give back.
+    drop(snapshot);
     metrics.desired_changed(
         synced
             .frontend_changes
@@ -519,7 +523,7 @@ fn sync(
     }
     match result {
         Ok(stats) => {
-            let latency = snapshot.changed_at.map(|t| t.elapsed());
+            let latency = changed_at.map(|t| t.elapsed());
             metrics.synced(latency.map(|l| l.as_secs_f64()));
             let store = control.incremental().store();
             info!(
@@ -527,7 +531,7 @@ fn sync(
                 slices = store.endpoint_slices.len(),
                 service_ports = control.model().service_ports.len(),
                 frontends = control.desired().len(),
-                objects_changed = snapshot.changes.len(),
+                objects_changed,
                 services_recomputed = recomputed,
                 full = full_apply,
                 changed = stats.frontends_changed,
