@@ -238,8 +238,10 @@ pub fn desired_of(sp: &ServicePort, out: &mut Desired) {
             timeout_seconds: a.timeout_seconds,
             group,
         });
+        // Sized to its content: a desired frontend's backends live until its ServicePort changes.
         let backends_of = |list: &[SocketAddr]| -> Vec<BackendAddr> {
-            list.iter()
+            let mut v: Vec<BackendAddr> = list
+                .iter()
                 .filter_map(|b| match b {
                     SocketAddr::V4(v4) => Some(BackendAddr {
                         addr: *v4.ip(),
@@ -249,7 +251,9 @@ pub fn desired_of(sp: &ServicePort, out: &mut Desired) {
                     }),
                     SocketAddr::V6(_) => None,
                 })
-                .collect()
+                .collect();
+            v.shrink_to_fit();
+            v
         };
         let terminating: BTreeSet<BackendAddr> = backends_of(&serving)
             .into_iter()
