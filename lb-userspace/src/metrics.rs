@@ -53,14 +53,73 @@ pub struct Metrics {
 ///
 /// Kept compact: there is an entry per backend (100,000 at 10k Services x 10 endpoints) and
 /// nearly every backend belongs to one ServicePort. A `BTreeMap<String, u32>` per backend cost a
-/// whole B-tree node plus a copy of the name, about 30 MiB at that size; a sorted vector sized to
-/// its content, with the name shared (one allocation per frontend), costs a few MiB.
+/// whole B-tree node plus a copy of the name, about 30 MiB at that size; a backend's names are
+/// kept inline when there is one ([`Named::One`]) and the name is shared by the frontend's
+/// backends (one allocation per frontend).
 #[derive(Debug, Default)]
 struct ServicePorts {
     frontends: BTreeMap<FrontendAddr, Arc<str>>,
     /// Per backend, its ServicePorts (sorted by name) with the number of frontends through which
     /// it is one.
-    backends: BTreeMap<BackendAddr, Vec<(Arc<str>, u32)>>,
+    backends: BTreeMap<BackendAddr, Named>,
+}
+
+/// A backend's ServicePorts with their frontend counts, sorted by name; never empty.
+#[derive(Debug)]
+enum Named {
+    One([(Arc<str>, u32); 1]),
+    Many(Vec<(Arc<str>, u32)>),
+}
+
+impl Named {
+    fn list(&self) -> &[(Arc<str>, u32)] {
+        match self {
+            Named::One(one) => one,
+            Named::Many(many) => many,
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.list().binary_search_by(|(n, _)| (**n).cmp(name))
+    }
+
+    /// Counts one more frontend of `name`.
+    fn add(&mut self, name: &Arc<str>) {
+        match (self.find(name), &mut *self) {
+            (Ok(at), Named::One(list)) => list[at].1 += 1,
+            (Ok(at), Named::Many(list)) => list[at].1 += 1,
+            (Err(at), Named::One([first])) => {
+                let mut list = Vec::with_capacity(2);
+                list.push(first.clone());
+                list.insert(at, (Arc::clone(name), 1));
+                *self = Named::Many(list);
+            }
+            (Err(at), Named::Many(list)) => list.insert(at, (Arc::clone(name), 1)),
+        }
+    }
+
+    /// Counts one frontend of `name` less; false when none is left.
+    fn remove(&mut self, name: &str) -> bool {
+        let Ok(at) = self.find(name) else {
+            return true;
+        };
+        match self {
+            Named::One([(_, n)]) => {
+                *n -= 1;
+                *n > 0
+            }
+            Named::Many(list) => {
+                list[at].1 -= 1;
+                if list[at].1 == 0 {
+                    list.remove(at);
+                }
+                if let [only] = list.as_slice() {
+                    *self = Named::One([only.clone()]);
+                }
+                true
+            }
+        }
+    }
 }
 
 impl ServicePorts {
@@ -74,14 +133,8 @@ impl ServicePorts {
         if let Some(d) = before {
             self.frontends.remove(&fe);
             for b in &d.backends {
-                if let Some(sps) = self.backends.get_mut(b) {
-                    if let Ok(at) = sps.binary_search_by(|(n, _)| (**n).cmp(&*d.service_port)) {
-                        sps[at].1 -= 1;
-                        if sps[at].1 == 0 {
-                            sps.remove(at);
-                        }
-                    }
-                    if sps.is_empty() {
+                if let Some(named) = self.backends.get_mut(b) {
+                    if !named.remove(&d.service_port) {
                         self.backends.remove(b);
                     }
                 }
@@ -90,14 +143,10 @@ impl ServicePorts {
         if let Some(d) = after {
             let name: Arc<str> = Arc::from(d.service_port.as_str());
             for b in &d.backends {
-                let sps = self.backends.entry(*b).or_default();
-                match sps.binary_search_by(|(n, _)| (**n).cmp(&*name)) {
-                    Ok(at) => sps[at].1 += 1,
-                    Err(at) => {
-                        if sps.len() == sps.capacity() {
-                            sps.reserve_exact(1);
-                        }
-                        sps.insert(at, (Arc::clone(&name), 1));
+                match self.backends.entry(*b) {
+                    std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().add(&name),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(Named::One([(Arc::clone(&name), 1)]));
                     }
                 }
             }
@@ -117,7 +166,14 @@ impl ServicePorts {
     fn backend_label(&self, b: &BackendAddr) -> String {
         self.backends
             .get(b)
-            .map(|sps| sps.iter().map(|(n, _)| &**n).collect::<Vec<_>>().join(","))
+            .map(|named| {
+                named
+                    .list()
+                    .iter()
+                    .map(|(n, _)| &**n)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
             .unwrap_or_default()
     }
 }
@@ -479,6 +535,14 @@ mod tests {
         names.change(b_cluster, None, Some(&b));
         assert_eq!(names.frontend_label(&a_node), "ns/a:http");
         assert_eq!(names.backend_label(&b1), "ns/a:http,ns/b:http");
+        assert_eq!(names.backend_label(&b2), "ns/a:http");
+        // A name that sorts first, on a backend that has one (b2) and one that has several (b1).
+        let z_cluster = FrontendAddr::internal(std::net::Ipv4Addr::new(198, 19, 0, 3), 80, 6);
+        let z = frontend("ns/0:http", &[b1, b2]);
+        names.change(z_cluster, None, Some(&z));
+        assert_eq!(names.backend_label(&b1), "ns/0:http,ns/a:http,ns/b:http");
+        assert_eq!(names.backend_label(&b2), "ns/0:http,ns/a:http");
+        names.change(z_cluster, Some(&z), None);
         assert_eq!(names.backend_label(&b2), "ns/a:http");
         // ns/a keeps b1 while one of its frontends still uses it.
         names.change(a_cluster, Some(&a), None);
