@@ -17,7 +17,8 @@
 //!   the figure is then a lower bound and the table is filled in pieces for what follows. One
 //!   change = the incremental transaction kube-proxy's nftables mode sends (rewrite the service
 //!   chain, add/delete endpoint chains).
-//! - Memory: the agent's VmRSS and VmHWM from /proc, and BPF map memory as the sum of `memlock`
+//! - Memory: the agent's VmRSS and VmHWM from /proc, read after the changes once the agent has
+//!   been idle for a second (steady state), and BPF map memory as the sum of `memlock`
 //!   over the map fds the agent holds (/proc/<pid>/fdinfo), as bpftool reports it.
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,9 @@ pub fn run(args: &Args, plan: &Plan, results: &mut Results) -> Result<()> {
          from the rename to the agent's `maps programmed` log line. Changes: {} for lb, {} for \
          iptables (kube-proxy's partial sync: `iptables-restore --noflush` of KUBE-SERVICES, \
          KUBE-NODEPORTS and the changed Service's chains), {} for nftables (kube-proxy's \
-         incremental transaction); p99 of fewer than 100 samples is their maximum.",
+         incremental transaction); p99 of fewer than 100 samples is their maximum. Memory is \
+         read after the changes, once the agent has been idle for a second (it gives freed heap \
+         back to the system after 200 ms without changes); VmHWM is the peak of the whole run.",
         Scenario::PER_FILE,
         plan.poll_interval_ms,
         plan.changes_agent,
@@ -269,7 +272,12 @@ fn push_latencies(results: &mut Results, group: &str, mode: &str, ms: &[f64]) {
     }
 }
 
+/// How long the agent is left idle before its memory is read: it gives freed heap back after
+/// one quiet tick (200 ms) following its last sync, so this reads the steady state.
+const SETTLE_BEFORE_MEMORY: Duration = Duration::from_secs(1);
+
 fn memory(agent: &ChildGuard, size: &str, results: &mut Results) -> Result<()> {
+    std::thread::sleep(SETTLE_BEFORE_MEMORY);
     let pid = agent.pid();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| -> Result<f64> {
