@@ -206,7 +206,7 @@ fn verdicts(plan: &Plan, results: &Results) -> Vec<Verdict> {
                 if s < 1.0 {
                     String::new()
                 } else {
-                    format!(" ({:.1}x the target)", s)
+                    format!(" ({:.0}% over the target)", (s - 1.0) * 100.0)
                 }
             ),
         });
