@@ -31,7 +31,7 @@ use crate::{
         NFT_LINES_PER_TRANSACTION,
     },
     kube_proxy, percentile,
-    scenario::Scenario,
+    scenario::{Scenario, ServicePort},
     Args, Part, Plan, Results,
 };
 
@@ -254,6 +254,22 @@ fn agent(
     Ok(())
 }
 
+/// Change `c` of a baseline: the Service [`pick`] names gets its variant `c + 1`. Returns where
+/// its port is in `current` and the port as it is after the change.
+fn baseline_change(
+    scenario: &Scenario,
+    current: &[ServicePort],
+    c: usize,
+) -> Result<(usize, ServicePort)> {
+    let s = pick(scenario, c);
+    let i = current
+        .iter()
+        .position(|p| p.index == s)
+        .context("changed Service has a port")?;
+    let new = scenario.ports(Some((s, c as u32 + 1))).swap_remove(i);
+    Ok((i, new))
+}
+
 /// The Service changed by change `c`: spread over all of them, never the target.
 fn pick(scenario: &Scenario, c: usize) -> usize {
     let mut s = (c * 7_919 + 13) % scenario.services;
@@ -364,13 +380,8 @@ fn iptables(plan: &Plan, scenario: &Scenario, size: &str, results: &mut Results)
     let mut current = base;
     let mut ms = Vec::new();
     for c in 0..plan.changes_iptables {
-        let s = pick(scenario, c);
-        let new_ports = scenario.ports(Some((s, c as u32 + 1)));
-        let i = current
-            .iter()
-            .position(|p| p.index == s)
-            .context("changed Service has a port")?;
-        let old = std::mem::replace(&mut current[i], new_ports[i].clone());
+        let (i, new) = baseline_change(scenario, &current, c)?;
+        let old = std::mem::replace(&mut current[i], new);
         let text = kube_proxy::iptables_partial(&current, &old, &current[i]);
         ms.push(
             load_rules(&node.ns, "iptables-restore", &["--noflush"], &text)?.as_secs_f64() * 1e3,
@@ -428,15 +439,10 @@ fn nftables(plan: &Plan, scenario: &Scenario, size: &str, results: &mut Results)
     let mut current = base.clone();
     let mut ms = Vec::new();
     for c in 0..plan.changes_nft {
-        let s = pick(scenario, c);
-        let new_ports = scenario.ports(Some((s, c as u32 + 1)));
-        let i = current
-            .iter()
-            .position(|p| p.index == s)
-            .context("changed Service has a port")?;
-        let tx = kube_proxy::nft_change(&current[i], &new_ports[i]);
+        let (i, new) = baseline_change(scenario, &current, c)?;
+        let tx = kube_proxy::nft_change(&current[i], &new);
         ms.push(load_rules(&node.ns, "nft", &["-f"], &tx)?.as_secs_f64() * 1e3);
-        current[i] = new_ports[i].clone();
+        current[i] = new;
     }
     push_latencies(
         results,
