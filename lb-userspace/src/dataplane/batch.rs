@@ -26,9 +26,10 @@ use super::{Dataplane, Result, StatsOf};
 /// Puts queued for one flush, per map, each in call order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Puts {
-    /// rev_nat_ids whose frontend counters are created zeroed.
+    /// rev_nat_ids whose frontend counters are zeroed (reused ids that may hold a previous
+    /// user's counts; other ids get their entry from the data path at their first packet).
     pub frontend_stats: Vec<u16>,
-    /// Backend ids whose counters are created zeroed.
+    /// Backend ids whose counters are zeroed (as above).
     pub backend_stats: Vec<u32>,
     pub backends: Vec<(u32, BackendValue)>,
     pub rev_nats: Vec<(u16, RevNatValue)>,
