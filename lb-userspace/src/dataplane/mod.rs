@@ -394,11 +394,11 @@ pub trait Dataplane {
     fn delete_backend(&mut self, id: u32) -> Result<()>;
     fn put_rev_nat(&mut self, id: u16, value: RevNatValue) -> Result<()>;
     fn delete_rev_nat(&mut self, id: u16) -> Result<()>;
+    /// Whose counter entries exist (the data path creates an id's entry at its first packet).
+    fn stats_keys(&self) -> Result<Vec<StatsOf>>;
     /// Writes zeroed counters for a frontend (keyed by its rev_nat_id) or a backend: for an id
     /// handed out again whose entry may hold a previous user's counts (the data path creates
     /// the entries of other ids at their first packet).
-    /// Whose counter entries exist (the data path creates an id's entry at its first packet).
-    fn stats_keys(&self) -> Result<Vec<StatsOf>>;
     fn reset_stats(&mut self, of: StatsOf) -> Result<()>;
     fn delete_stats(&mut self, of: StatsOf) -> Result<()>;
     /// Every source-range entry: (frontend rev_nat_id, range).
