@@ -600,24 +600,8 @@ mod tests {
                 0,
             )))
             .unwrap(),
-            frontend_stats: PerCpuHashMap::try_from(Map::PerCpuHashMap(create_map::<
-                u32,
-                TrafficCounters,
-            >(
-                BPF_MAP_TYPE_PERCPU_HASH,
-                4096,
-                BPF_F_NO_PREALLOC,
-            )))
-            .unwrap(),
-            backend_stats: PerCpuHashMap::try_from(Map::PerCpuHashMap(create_map::<
-                u32,
-                TrafficCounters,
-            >(
-                BPF_MAP_TYPE_PERCPU_HASH,
-                4096,
-                BPF_F_NO_PREALLOC,
-            )))
-            .unwrap(),
+            frontend_stats: counters_map(),
+            backend_stats: counters_map(),
             source_ranges: LpmTrie::try_from(Map::LpmTrie(
                 create_map::<LpmKey<SourceRangeKey>, u8>(
                     BPF_MAP_TYPE_LPM_TRIE,
@@ -635,6 +619,16 @@ mod tests {
             nr_cpus: nr_cpus().unwrap(),
             batch_updates: true,
         }
+    }
+
+    /// A counters map as the agent's stats maps are made (per-CPU, not preallocated).
+    fn counters_map() -> PerCpuHashMap<MapData, u32, TrafficCounters> {
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(create_map::<u32, TrafficCounters>(
+            BPF_MAP_TYPE_PERCPU_HASH,
+            4096,
+            BPF_F_NO_PREALLOC,
+        )))
+        .unwrap()
     }
 
     fn service_key(i: u16, slot: u16) -> ServiceKey {
